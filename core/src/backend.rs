@@ -1,0 +1,328 @@
+//! The one interface every backend implements. Everything a training step does to tensor data goes through
+//! it, so the model, layers, optimizers, loss scaling and trainer are written once.
+//!
+//! Conventions (shared by every backend and checked against [`crate::reference::Reference`]):
+//! - Buffers are [`Buf`] handles into the backend's arena. Float buffers may be F32, F16 or BF16; every op
+//!   loads to f32, computes in f32 and stores by rounding to nearest even.
+//! - Matrices are row-major. Shapes are in comments as `[rows, cols]`; `B` is the batch, `N` a count.
+//! - Outputs never overlap inputs unless an op says it works in place.
+
+use crate::arena::Buf;
+use crate::error::Result;
+
+/// What a backend does natively. [`crate::policy::Policy::auto`] chooses from this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Short backend name: `reference`, `cpu-simd`, `cuda`.
+    pub backend: &'static str,
+    /// The hardware in words (`AMD EPYC 9xxx (Zen 4)`, `NVIDIA H200`, `Cortex-M4F`).
+    pub device: &'static str,
+    /// f16 arithmetic at more than f32's rate (tensor cores, FP16 NEON).
+    pub fast_f16: bool,
+    /// bf16 arithmetic at more than f32's rate (tensor cores, AVX512_BF16, BFDOT/BFMMLA).
+    pub fast_bf16: bool,
+}
+
+/// `C = alpha * op(A) * op(B) + beta * C`, row-major, for `batch` independent problems.
+///
+/// `op(A)` is `[m, k]`: with `trans_a == false` element `(i, p)` is at `a[i * lda + p]`, with `trans_a == true`
+/// at `a[p * lda + i]` (A is stored `[k, m]`). Likewise `op(B)` is `[k, n]`. `C[i, j]` is at `c[i * ldc + j]`.
+/// Problem `t` uses element offsets `t * stride_a`, `t * stride_b`, `t * stride_c` (a stride of 0 broadcasts).
+/// A and B share one dtype; C may be any float dtype. Products accumulate in f32. When `beta == 0` C is not
+/// read (NaN in C does not leak), as in BLAS.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: Buf,
+    pub lda: usize,
+    pub trans_a: bool,
+    pub b: Buf,
+    pub ldb: usize,
+    pub trans_b: bool,
+    pub c: Buf,
+    pub ldc: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+}
+
+impl Gemm {
+    /// A single, untransposed, densely packed problem `C[m, n] = A[m, k] * B[k, n]`.
+    pub fn new(m: usize, n: usize, k: usize, a: Buf, b: Buf, c: Buf) -> Self {
+        Gemm {
+            m,
+            n,
+            k,
+            a,
+            lda: k,
+            trans_a: false,
+            b,
+            ldb: n,
+            trans_b: false,
+            c,
+            ldc: n,
+            alpha: 1.0,
+            beta: 0.0,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        }
+    }
+
+    /// `op(A)` is A transposed: A is stored `[k, m]` with leading dimension `lda`.
+    pub fn a_t(mut self, lda: usize) -> Self {
+        self.trans_a = true;
+        self.lda = lda;
+        self
+    }
+
+    /// `op(B)` is B transposed: B is stored `[n, k]` with leading dimension `ldb`.
+    pub fn b_t(mut self, ldb: usize) -> Self {
+        self.trans_b = true;
+        self.ldb = ldb;
+        self
+    }
+
+    pub fn beta(mut self, beta: f32) -> Self {
+        self.beta = beta;
+        self
+    }
+
+    pub fn batched(mut self, batch: usize, stride_a: usize, stride_b: usize, stride_c: usize) -> Self {
+        self.batch = batch;
+        self.stride_a = stride_a;
+        self.stride_b = stride_b;
+        self.stride_c = stride_c;
+        self
+    }
+
+    /// The element counts each operand must hold, for validation: `(a, b, c)`.
+    pub fn extents(&self) -> (usize, usize, usize) {
+        fn extent(rows: usize, cols: usize, ld: usize, batch: usize, stride: usize) -> usize {
+            if rows == 0 || cols == 0 || batch == 0 {
+                return 0;
+            }
+            (batch - 1) * stride + (rows - 1) * ld + cols
+        }
+        let (ar, ac) = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };
+        let (br, bc) = if self.trans_b { (self.n, self.k) } else { (self.k, self.n) };
+        (
+            extent(ar, ac, self.lda, self.batch, self.stride_a),
+            extent(br, bc, self.ldb, self.batch, self.stride_b),
+            extent(self.m, self.n, self.ldc, self.batch, self.stride_c),
+        )
+    }
+
+    /// Floating-point operations (2 per multiply-add).
+    pub fn flops(&self) -> u64 {
+        2 * (self.m * self.n * self.k * self.batch) as u64
+    }
+}
+
+/// Element-wise activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Activation {
+    Relu,
+    /// GELU, tanh approximation: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+    GeluTanh,
+}
+
+/// The geometry of a 2-D convolution over NCHW tensors (one image; the batch is outside).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ConvGeom {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub out_height: usize,
+    pub out_width: usize,
+}
+
+impl ConvGeom {
+    /// Rows of the im2col matrix: `C * K * K`.
+    pub const fn col_rows(&self) -> usize {
+        self.channels * self.kernel * self.kernel
+    }
+    /// Columns of the im2col matrix: `OH * OW`.
+    pub const fn col_cols(&self) -> usize {
+        self.out_height * self.out_width
+    }
+    pub const fn in_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+}
+
+/// The geometry of a 2-D max-pool over NCHW tensors (one image).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct PoolGeom {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub out_height: usize,
+    pub out_width: usize,
+}
+
+impl PoolGeom {
+    pub const fn in_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+    pub const fn out_len(&self) -> usize {
+        self.channels * self.out_height * self.out_width
+    }
+}
+
+/// What [`Backend::grad_stats`] found in the gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct GradStats {
+    /// Number of NaN or infinite values.
+    pub non_finite: usize,
+    /// Sum of squares of the gradients times `scale`, accumulated in f64 (meaningless when `non_finite > 0`).
+    pub sum_sq: f64,
+}
+
+/// The buffers of one parameter vector for a fused optimizer update. All have the same length.
+/// `working` may equal `master` (float32 policy): then there is no separate working copy to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParamBufs {
+    /// f32 master weights, updated in place.
+    pub master: Buf,
+    /// The copy the forward pass reads, in the compute dtype; rewritten from the new master.
+    pub working: Buf,
+    /// f32 gradients (still multiplied by the loss scale; `grad_scale` undoes it).
+    pub grad: Buf,
+    /// First optimizer state (SGD momentum, Adam m), f32; empty when unused.
+    pub state1: Buf,
+    /// Second optimizer state (Adam v), f32; empty when unused.
+    pub state2: Buf,
+}
+
+/// One SGD step (PyTorch's `torch.optim.SGD` semantics, dampening 0):
+/// `g = grad * grad_scale + weight_decay * w; buf = momentum * buf + g; g = nesterov ? g + momentum * buf : buf;
+/// w -= lr * g` (with `momentum == 0`, `g` is used directly and no state is touched).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdStep {
+    pub lr: f32,
+    pub momentum: f32,
+    pub nesterov: bool,
+    pub weight_decay: f32,
+    pub grad_scale: f32,
+}
+
+/// One AdamW step (PyTorch's `torch.optim.AdamW` semantics):
+/// `w *= 1 - lr * weight_decay; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+/// w -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)` with `g = grad * grad_scale`, `bc_i = 1 - b_i^t`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// `1 - beta1^t` for this step `t` (computed on the host in f64, rounded to f32).
+    pub bias_correction1: f32,
+    /// `1 - beta2^t`.
+    pub bias_correction2: f32,
+    pub grad_scale: f32,
+}
+
+/// The operations of a training step over buffers in the backend's arena.
+///
+/// Every method validates its handles against the arena and the op's dtype rules and returns an error
+/// instead of touching memory it does not own.
+pub trait Backend {
+    fn capabilities(&self) -> Capabilities;
+
+    /// Bytes of arena this backend owns.
+    fn capacity(&self) -> usize;
+
+    /// Copies `src` into `dst`, converting to `dst.dtype` (round to nearest even). `src.len() == dst.len`.
+    fn upload(&mut self, dst: Buf, src: &[f32]) -> Result<()>;
+
+    /// Copies indices (labels) into an I32 buffer.
+    fn upload_i32(&mut self, dst: Buf, src: &[i32]) -> Result<()>;
+
+    /// Copies `src` out of the arena, widening to f32. `dst.len() == src.len`.
+    fn download(&mut self, src: Buf, dst: &mut [f32]) -> Result<()>;
+
+    /// Copies the raw bytes of `src` (its dtype's little-endian encoding) into `dst`. For checkpoints.
+    fn download_bytes(&mut self, src: Buf, dst: &mut [u8]) -> Result<()>;
+
+    /// Writes raw little-endian bytes into `dst`. For checkpoints.
+    fn upload_bytes(&mut self, dst: Buf, src: &[u8]) -> Result<()>;
+
+    /// Sets every element of `dst` to `value`.
+    fn fill(&mut self, dst: Buf, value: f32) -> Result<()>;
+
+    /// `dst = src`, converting dtype. Same length.
+    fn cast(&mut self, src: Buf, dst: Buf) -> Result<()>;
+
+    /// General matrix product, see [`Gemm`].
+    fn gemm(&mut self, g: &Gemm) -> Result<()>;
+
+    /// `y[o, c, i] += bias[c]` for `y: [outer, channels, inner]`, in place. Linear: `inner = 1`; conv: `HW`.
+    fn add_bias(&mut self, y: Buf, bias: Buf, outer: usize, channels: usize, inner: usize) -> Result<()>;
+
+    /// `dbias[c] = sum over o, i of dy[o, c, i]` (f32 accumulation, overwrites `dbias`).
+    fn bias_grad(&mut self, dy: Buf, dbias: Buf, outer: usize, channels: usize, inner: usize) -> Result<()>;
+
+    /// `y = act(x)`, element-wise (may be in place: `x == y`).
+    fn activation(&mut self, act: Activation, x: Buf, y: Buf) -> Result<()>;
+
+    /// `dx = dy * act'(x)`, element-wise (`dx` may equal `dy`).
+    fn activation_backward(&mut self, act: Activation, x: Buf, dy: Buf, dx: Buf) -> Result<()>;
+
+    /// Softmax cross-entropy over `logits: [rows, classes]` with `labels: [rows]` (I32), computed in f32.
+    /// Writes the mean loss over rows to `loss[0]` (f32) and `dlogits = (softmax - onehot) * grad_scale / rows`
+    /// in `dlogits.dtype` (pass the loss scale as `grad_scale`).
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_cross_entropy(
+        &mut self,
+        logits: Buf,
+        labels: Buf,
+        rows: usize,
+        classes: usize,
+        loss: Buf,
+        dlogits: Buf,
+        grad_scale: f32,
+    ) -> Result<()>;
+
+    /// Unfolds `images` images `x: [images, C, H, W]` into `cols: [images, C*K*K, OH*OW]` (zero padding).
+    fn im2col(&mut self, x: Buf, g: &ConvGeom, images: usize, cols: Buf) -> Result<()>;
+
+    /// The adjoint of [`Backend::im2col`]: `dx = sum of cols into their source pixels` (overwrites `dx`).
+    fn col2im(&mut self, cols: Buf, g: &ConvGeom, images: usize, dx: Buf) -> Result<()>;
+
+    /// Max-pool `x: [images, C, H, W]` to `y: [images, C, OH, OW]`, recording each max's flat input index
+    /// within its image in `argmax` (I32, same length as `y`). Ties go to the first (row-major) position.
+    fn maxpool(&mut self, x: Buf, g: &PoolGeom, images: usize, y: Buf, argmax: Buf) -> Result<()>;
+
+    /// Scatters `dy` to the recorded positions: `dx` (overwritten) is zero elsewhere.
+    fn maxpool_backward(&mut self, dy: Buf, argmax: Buf, g: &PoolGeom, images: usize, dx: Buf) -> Result<()>;
+
+    /// Counts non-finite gradients and sums `(g * scale)^2` (the fused unscale-and-check of a mixed step).
+    fn grad_stats(&mut self, grad: Buf, scale: f32) -> Result<GradStats>;
+
+    /// Fused SGD update of `p.master`, its momentum and the working copy.
+    fn sgd_step(&mut self, p: &ParamBufs, s: &SgdStep) -> Result<()>;
+
+    /// Fused AdamW update of `p.master`, both moments and the working copy.
+    fn adamw_step(&mut self, p: &ParamBufs, s: &AdamWStep) -> Result<()>;
+
+    /// Waits for queued work to finish (a no-op on synchronous backends).
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,234 @@
+//! The memory plan: every byte of a training run, decided before the first step.
+//!
+//! The plan is measured, not estimated: it replays the exact allocation sequence the trainer performs on an
+//! unbounded [`Arena`], so `total` is the buffer size that fits, to the byte.
+
+use crate::arena::{Arena, Buf};
+use crate::backend::ParamBufs;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::{Model, MAX_LAYERS};
+use crate::optim::Optimizer;
+use crate::policy::Policy;
+
+/// Bytes per part of a training run. Parts sum to `total` (alignment padding is counted in the part whose
+/// allocation needed it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct MemoryPlan {
+    pub policy: Policy,
+    pub batch: usize,
+    pub params: usize,
+    /// f32 master weights.
+    pub master: usize,
+    /// Working copy in the compute dtype (0 under `float32`: the forward pass reads the master weights).
+    pub working: usize,
+    /// f32 parameter gradients.
+    pub gradients: usize,
+    /// f32 optimizer state (momentum; Adam's two moments).
+    pub optimizer: usize,
+    /// Per-step tensors kept from the forward to the backward pass: input, labels, layer outputs, max-pool
+    /// positions, the loss. Released after every step.
+    pub activations: usize,
+    /// Per-step temporaries: activation gradients (two ping-pong buffers), im2col columns.
+    pub scratch: usize,
+    pub total: usize,
+}
+
+impl MemoryPlan {
+    /// The plan for training `model` under `policy` with `optimizer` on batches of `batch` samples.
+    pub fn new(model: &Model, policy: Policy, optimizer: &Optimizer, batch: usize) -> Result<MemoryPlan> {
+        if batch == 0 {
+            return Err(Error::InvalidConfig("batch size must be at least 1"));
+        }
+        let mut arena = Arena::unbounded();
+        let (_, persistent) = alloc_params(&mut arena, model, policy, optimizer)?;
+        let before = arena.used();
+        let step = alloc_step(&mut arena, model, policy, batch)?;
+        let scratch = step.scratch_bytes;
+        let mut plan = persistent;
+        plan.batch = batch;
+        plan.activations = arena.used() - before - scratch;
+        plan.scratch = scratch;
+        plan.total = arena.high_water();
+        Ok(plan)
+    }
+
+    /// Bytes that do not depend on the batch size.
+    pub fn fixed(&self) -> usize {
+        self.master + self.working + self.gradients + self.optimizer
+    }
+
+    /// The largest batch whose plan fits in `capacity` bytes (0 if not even one sample fits).
+    pub fn max_batch(model: &Model, policy: Policy, optimizer: &Optimizer, capacity: usize) -> Result<usize> {
+        let fits = |b: usize| MemoryPlan::new(model, policy, optimizer, b).map(|p| p.total <= capacity);
+        if !fits(1)? {
+            return Ok(0);
+        }
+        let (mut lo, mut hi) = (1usize, 2usize);
+        while fits(hi)? {
+            lo = hi;
+            hi = hi.checked_mul(2).ok_or(Error::InvalidConfig("capacity too large to search"))?;
+        }
+        // fits(lo) and !fits(hi)
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid)? {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    }
+}
+
+impl core::fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let c = self.policy.compute;
+        writeln!(
+            f,
+            "memory plan: {} parameters, policy {}, batch {}",
+            self.params, self.policy, self.batch
+        )?;
+        writeln!(f, "| part                              |         bytes |        MiB |")?;
+        writeln!(f, "|-----------------------------------|---------------|------------|")?;
+        let mut row = |name: &dyn core::fmt::Display, bytes: usize| {
+            writeln!(f, "| {:<33} | {:>13} | {:>10.3} |", name, Grouped(bytes), bytes as f64 / 1048576.0)
+        };
+        row(&"master weights (float32)", self.master)?;
+        row(&Label("working weights", c), self.working)?;
+        row(&"gradients (float32)", self.gradients)?;
+        row(&"optimizer state (float32)", self.optimizer)?;
+        row(&Label("activations", c), self.activations)?;
+        row(&Label("scratch", c), self.scratch)?;
+        row(&"total", self.total)
+    }
+}
+
+struct Label(&'static str, DType);
+
+impl core::fmt::Display for Label {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        // Padding must apply to the whole label: format into a small stack string first.
+        let mut s: heapless::String<40> = heapless::String::new();
+        let _ = core::fmt::write(&mut s, format_args!("{} ({})", self.0, self.1));
+        f.pad(&s)
+    }
+}
+
+/// `1234567` as `1,234,567`.
+#[derive(Clone, Copy, Debug)]
+pub struct Grouped(pub usize);
+
+impl core::fmt::Display for Grouped {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut digits = [0u8; 32];
+        let mut n = self.0;
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (n % 10) as u8;
+            len += 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let mut s: heapless::String<40> = heapless::String::new();
+        for i in (0..len).rev() {
+            let _ = s.push(digits[i] as char);
+            if i > 0 && i % 3 == 0 {
+                let _ = s.push(',');
+            }
+        }
+        f.pad(&s)
+    }
+}
+
+/// Allocates the persistent parameter buffers in a fixed order and reports their sizes.
+pub(crate) fn alloc_params(
+    arena: &mut Arena,
+    model: &Model,
+    policy: Policy,
+    optimizer: &Optimizer,
+) -> Result<(ParamBufs, MemoryPlan)> {
+    let n = model.param_len();
+    let mut used = arena.used();
+    let mut take = |arena: &mut Arena, dtype: DType, len: usize| -> Result<(Buf, usize)> {
+        let b = arena.alloc(dtype, len)?;
+        let bytes = arena.used() - used;
+        used = arena.used();
+        Ok((b, bytes))
+    };
+    let (master, master_bytes) = take(arena, DType::F32, n)?;
+    let (working, working_bytes) =
+        if policy.is_mixed() { take(arena, policy.compute, n)? } else { (master, 0) };
+    let (grad, grad_bytes) = take(arena, DType::F32, n)?;
+    let states = optimizer.state_vectors();
+    let (state1, s1) = if states >= 1 { take(arena, DType::F32, n)? } else { (Buf::EMPTY, 0) };
+    let (state2, s2) = if states >= 2 { take(arena, DType::F32, n)? } else { (Buf::EMPTY, 0) };
+    let plan = MemoryPlan {
+        policy,
+        batch: 0,
+        params: n,
+        master: master_bytes,
+        working: working_bytes,
+        gradients: grad_bytes,
+        optimizer: s1 + s2,
+        activations: 0,
+        scratch: 0,
+        total: 0,
+    };
+    Ok((ParamBufs { master, working, grad, state1, state2 }, plan))
+}
+
+/// The buffers of one training (or inference) step, allocated after a [`crate::arena::Mark`] and released
+/// when the step ends.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepBufs {
+    /// `[B, input]` in the compute dtype.
+    pub input: Buf,
+    /// `[B]` class indices.
+    pub labels: Buf,
+    /// Output of layer `i`: `[B, out_shape(i)]` (Flatten: the same bytes as its input).
+    pub acts: [Buf; MAX_LAYERS],
+    /// Per-layer state for the backward pass (max-pool positions).
+    pub aux: [Buf; MAX_LAYERS],
+    /// The mean loss (one f32).
+    pub loss: Buf,
+    /// Activation-gradient ping-pong buffers, each `[B, widest layer]`.
+    pub grad_a: Buf,
+    pub grad_b: Buf,
+    /// Shared layer scratch (im2col columns).
+    pub scratch: Buf,
+    pub scratch_bytes: usize,
+}
+
+pub(crate) fn alloc_step(arena: &mut Arena, model: &Model, policy: Policy, batch: usize) -> Result<StepBufs> {
+    let c = policy.compute;
+    let input = arena.alloc(c, batch * model.input().len())?;
+    let labels = arena.alloc(DType::I32, batch)?;
+    let mut acts = [Buf::EMPTY; MAX_LAYERS];
+    let mut aux = [Buf::EMPTY; MAX_LAYERS];
+    let mut prev = input;
+    let mut widest = model.input().len();
+    let mut scratch_len = 0;
+    for (i, layer) in model.layers().iter().enumerate() {
+        let out = layer.out_shape().len();
+        acts[i] = if layer.aliases_input() { prev } else { arena.alloc(c, batch * out)? };
+        let (aux_len, aux_dtype) = layer.aux_len();
+        if aux_len > 0 {
+            aux[i] = arena.alloc(aux_dtype, batch * aux_len)?;
+        }
+        prev = acts[i];
+        widest = widest.max(out).max(layer.in_shape().len());
+        scratch_len = scratch_len.max(layer.scratch_len());
+    }
+    let loss = arena.alloc(DType::F32, 1)?;
+    let before = arena.used();
+    let grad_a = arena.alloc(c, batch * widest)?;
+    let grad_b = arena.alloc(c, batch * widest)?;
+    let scratch = arena.alloc(c, batch * scratch_len)?;
+    let scratch_bytes = arena.used() - before;
+    Ok(StepBufs { input, labels, acts, aux, loss, grad_a, grad_b, scratch, scratch_bytes })
+}

@@ -1,0 +1,434 @@
+//! The training loop's one call: a whole mixed-precision step.
+//!
+//! ```text
+//! step(x, labels):
+//!   working = cast(master)                  (kept current by the fused optimizer update)
+//!   acts    = forward(working, x)           compute dtype, f32 accumulation
+//!   loss, dlogits = softmax_xent(logits) * S     f32; S = loss scale
+//!   grads   = backward(dlogits)             f32 parameter gradients (still times S)
+//!   finite, |g| = grad_stats(grads / S)     fused unscale + check
+//!   if finite: clip; optimizer(master, state, working; grads * (1/S) * clip)   else: skip, model untouched
+//!   S = loss_scale.update(finite)
+//! ```
+
+use crate::arena::{Arena, Buf, Mark};
+use crate::backend::{Backend, ParamBufs};
+use crate::error::{Error, Result};
+use crate::layers::{Bwd, Fwd, Params};
+use crate::loss_scale::{DynamicLossScale, LossScale};
+use crate::model::Model;
+use crate::optim::Optimizer;
+use crate::plan::{alloc_params, alloc_step, MemoryPlan, StepBufs};
+use crate::policy::Policy;
+use crate::rng::Rng;
+
+/// How to train, beyond the model, policy and optimizer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainConfig {
+    /// The largest batch a step takes (smaller batches are fine; the plan is sized for this one).
+    pub batch: usize,
+    pub loss_scale: LossScale,
+    /// Clip the global gradient norm (after unscaling) to this value.
+    pub clip_norm: Option<f32>,
+    /// Seeds the weight initialisation.
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// Batch `batch` and the policy's default loss scaling: dynamic (Keras' defaults) under `mixed_float16`,
+    /// none otherwise, as Keras' `fit` does.
+    pub fn new(batch: usize, policy: Policy) -> Self {
+        let loss_scale = match policy.compute {
+            crate::dtype::DType::F16 => LossScale::Dynamic(DynamicLossScale::tensorflow()),
+            _ => LossScale::None,
+        };
+        TrainConfig { batch, loss_scale, clip_norm: None, seed: 0 }
+    }
+
+    pub fn loss_scale(mut self, s: LossScale) -> Self {
+        self.loss_scale = s;
+        self
+    }
+
+    pub fn clip_norm(mut self, max_norm: f32) -> Self {
+        self.clip_norm = Some(max_norm);
+        self
+    }
+
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+}
+
+/// What one step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepReport {
+    /// Mean loss over the batch (unscaled).
+    pub loss: f32,
+    /// The loss scale this step used.
+    pub loss_scale: f32,
+    /// Whether the update was skipped (non-finite gradients).
+    pub skipped: bool,
+    /// Global L2 norm of the unscaled gradients, before clipping (NaN when skipped).
+    pub grad_norm: f32,
+    /// Rows whose highest logit was the label.
+    pub correct: usize,
+    pub rows: usize,
+    /// Steps skipped so far, this one included.
+    pub skipped_total: u64,
+}
+
+/// Loss and accuracy over a data set.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Evaluation {
+    pub loss: f32,
+    pub correct: usize,
+    pub total: usize,
+}
+
+impl Evaluation {
+    pub fn accuracy(&self) -> f32 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.correct as f32 / self.total as f32
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Trainer<B: Backend> {
+    backend: B,
+    model: Model,
+    policy: Policy,
+    optimizer: Optimizer,
+    config: TrainConfig,
+    arena: Arena,
+    params: ParamBufs,
+    /// The arena position after the persistent buffers: every step allocates above it and releases to it.
+    base: Mark,
+    plan: MemoryPlan,
+    /// Updates applied (AdamW's `t`).
+    updates: u64,
+    skipped: u64,
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Plans memory, checks it fits the backend's arena, allocates the parameters and initialises them.
+    pub fn new(
+        mut backend: B,
+        model: Model,
+        policy: Policy,
+        optimizer: impl Into<Optimizer>,
+        config: TrainConfig,
+    ) -> Result<Self> {
+        let optimizer = optimizer.into();
+        optimizer.validate()?;
+        if let Some(c) = config.clip_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(Error::InvalidConfig("clip norm must be finite and > 0"));
+            }
+        }
+        if let LossScale::Fixed(s) = config.loss_scale {
+            LossScale::fixed(s)?;
+        }
+        if let LossScale::Dynamic(d) = config.loss_scale {
+            d.config.validate()?;
+        }
+        let plan = MemoryPlan::new(&model, policy, &optimizer, config.batch)?;
+        if plan.total > backend.capacity() {
+            return Err(Error::OutOfMemory { needed: plan.total, available: backend.capacity() });
+        }
+        let mut arena = Arena::new(backend.capacity());
+        let (params, _) = alloc_params(&mut arena, &model, policy, &optimizer)?;
+        let base = arena.mark();
+        let mut rng = Rng::new(config.seed);
+        for layer in model.layers() {
+            layer.init(&mut backend, params.master, &mut rng)?;
+        }
+        if params.working != params.master {
+            backend.cast(params.master, params.working)?;
+        }
+        backend.fill(params.grad, 0.0)?;
+        for s in [params.state1, params.state2] {
+            if s.len > 0 {
+                backend.fill(s, 0.0)?;
+            }
+        }
+        Ok(Trainer { backend, model, policy, optimizer, config, arena, params, base, plan, updates: 0, skipped: 0 })
+    }
+
+    /// One training step on `rows = labels.len()` samples; `x` is `[rows, input]` in f32.
+    /// On any error the model, optimizer state and loss scale are unchanged.
+    pub fn step(&mut self, x: &[f32], labels: &[u32]) -> Result<StepReport> {
+        let rows = self.check_batch(x, labels.len())?;
+        let bufs = alloc_step(&mut self.arena, &self.model, self.policy, self.config.batch)?;
+        let result = self.step_inner(&bufs, x, labels, rows);
+        self.arena.release(self.base);
+        result
+    }
+
+    fn step_inner(&mut self, s: &StepBufs, x: &[f32], labels: &[u32], rows: usize) -> Result<StepReport> {
+        let scale = self.config.loss_scale.scale();
+        self.upload_batch(s, x, labels, rows)?;
+        let logits = self.forward(s, rows)?;
+        // The loss head writes dlogits into the ping-pong buffer that feeds the last layer's backward.
+        let n = self.model.layers().len();
+        let mut dy = s.grad_a;
+        self.model.loss().forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, dy, scale)?;
+        let correct = self.count_correct(logits, s.labels, labels, rows)?;
+        let p = Params { working: self.params.working, grad: self.params.grad };
+        let layers = self.model.layers();
+        for i in (0..n).rev() {
+            let layer = &layers[i];
+            let x_i = if i == 0 { s.input } else { s.acts[i - 1] };
+            // The first layer needs no input gradient. Flatten passes dy through as dx.
+            let dx = if i == 0 {
+                None
+            } else if layer.aliases_input() {
+                Some(dy)
+            } else {
+                Some(if dy == s.grad_a { s.grad_b } else { s.grad_a })
+            };
+            let io = Bwd { x: x_i, y: s.acts[i], dy, dx, aux: s.aux[i], scratch: s.scratch, rows };
+            layer.backward(&mut self.backend, &p, &io)?;
+            if let Some(dx) = dx {
+                dy = dx;
+            }
+        }
+        let inv_scale = 1.0 / scale;
+        let stats = self.backend.grad_stats(self.params.grad, inv_scale)?;
+        let finite = stats.non_finite == 0;
+        let grad_norm = if finite { libm::sqrt(stats.sum_sq) as f32 } else { f32::NAN };
+        let mut loss = [0.0f32];
+        self.backend.download(s.loss, &mut loss)?;
+        let mut loss_scale = self.config.loss_scale;
+        let apply = loss_scale.update(finite);
+        if apply {
+            let clip = match self.config.clip_norm {
+                Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
+                _ => 1.0,
+            };
+            self.optimizer.step(&mut self.backend, &self.params, self.updates + 1, inv_scale * clip)?;
+            self.updates += 1;
+        } else {
+            self.skipped += 1;
+        }
+        self.config.loss_scale = loss_scale;
+        Ok(StepReport {
+            loss: loss[0],
+            loss_scale: scale,
+            skipped: !apply,
+            grad_norm,
+            correct,
+            rows,
+            skipped_total: self.skipped,
+        })
+    }
+
+    /// Runs the layers forward over `rows` samples already uploaded to `s.input`; returns the logits.
+    fn forward(&mut self, s: &StepBufs, rows: usize) -> Result<Buf> {
+        let p = Params { working: self.params.working, grad: self.params.grad };
+        let mut x = s.input;
+        for (i, layer) in self.model.layers().iter().enumerate() {
+            let io = Fwd { x, y: s.acts[i], aux: s.aux[i], scratch: s.scratch, rows };
+            layer.forward(&mut self.backend, &p, &io)?;
+            x = s.acts[i];
+        }
+        Ok(x)
+    }
+
+    fn check_batch(&self, x: &[f32], rows: usize) -> Result<usize> {
+        if rows == 0 || rows > self.config.batch {
+            return Err(Error::ShapeMismatch { what: "batch rows (1..=planned batch)", expected: self.config.batch, got: rows });
+        }
+        let want = rows * self.model.input().len();
+        if x.len() != want {
+            return Err(Error::ShapeMismatch { what: "input values (rows x input size)", expected: want, got: x.len() });
+        }
+        Ok(rows)
+    }
+
+    fn upload_batch(&mut self, s: &StepBufs, x: &[f32], labels: &[u32], rows: usize) -> Result<()> {
+        self.backend.upload(s.input.prefix(x.len()), x)?;
+        let classes = self.model.classes();
+        let mut chunk = [0i32; 256];
+        let mut done = 0;
+        while done < rows {
+            let n = chunk.len().min(rows - done);
+            for (c, &l) in chunk.iter_mut().zip(&labels[done..done + n]) {
+                if l as usize >= classes {
+                    return Err(Error::LabelOutOfRange { label: l.min(i32::MAX as u32) as i32, classes });
+                }
+                *c = l as i32;
+            }
+            self.backend.upload_i32(s.labels.slice(done, n), &chunk[..n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Counts rows whose arg-max logit equals the label.
+    fn count_correct(&mut self, logits: Buf, _labels: Buf, labels: &[u32], rows: usize) -> Result<usize> {
+        let mut correct = 0;
+        let classes = self.model.classes();
+        argmax_rows(&mut self.backend, logits, rows, classes, |r, pred| {
+            if labels[r] as usize == pred {
+                correct += 1;
+            }
+        })?;
+        Ok(correct)
+    }
+
+    /// Predicted classes for `rows = out.len()` samples of `x` (any number: they run in planned batches).
+    /// Runs the forward pass in the compute dtype; weights, gradients and optimizer state are not touched.
+    pub fn predict(&mut self, x: &[f32], out: &mut [u32]) -> Result<()> {
+        let per = self.model.input().len();
+        if x.len() != out.len() * per {
+            return Err(Error::ShapeMismatch { what: "predict input values", expected: out.len() * per, got: x.len() });
+        }
+        let batch = self.config.batch;
+        let classes = self.model.classes();
+        for (xc, oc) in x.chunks(batch * per).zip(out.chunks_mut(batch)) {
+            let rows = oc.len();
+            let s = alloc_step(&mut self.arena, &self.model, self.policy, batch)?;
+            let r = self.backend.upload(s.input.prefix(xc.len()), xc).and_then(|_| self.forward(&s, rows));
+            let r = r.and_then(|logits| {
+                argmax_rows(&mut self.backend, logits, rows, classes, |i, p| oc[i] = p as u32)
+            });
+            self.arena.release(self.base);
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Mean loss and accuracy over `x`/`labels` without training.
+    pub fn evaluate(&mut self, x: &[f32], labels: &[u32]) -> Result<Evaluation> {
+        let per = self.model.input().len();
+        if x.len() != labels.len() * per {
+            return Err(Error::ShapeMismatch { what: "evaluate input values", expected: labels.len() * per, got: x.len() });
+        }
+        let batch = self.config.batch;
+        let mut eval = Evaluation { loss: 0.0, correct: 0, total: 0 };
+        let mut loss_sum = 0.0f64;
+        for (xc, lc) in x.chunks(batch * per).zip(labels.chunks(batch)) {
+            let rows = lc.len();
+            let s = alloc_step(&mut self.arena, &self.model, self.policy, batch)?;
+            let r = (|| -> Result<(f32, usize)> {
+                self.upload_batch(&s, xc, lc, rows)?;
+                let logits = self.forward(&s, rows)?;
+                self.model.loss().forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, s.grad_a, 1.0)?;
+                let mut loss = [0.0f32];
+                self.backend.download(s.loss, &mut loss)?;
+                Ok((loss[0], self.count_correct(logits, s.labels, lc, rows)?))
+            })();
+            self.arena.release(self.base);
+            let (loss, correct) = r?;
+            loss_sum += loss as f64 * rows as f64;
+            eval.correct += correct;
+            eval.total += rows;
+        }
+        eval.loss = if eval.total > 0 { (loss_sum / eval.total as f64) as f32 } else { 0.0 };
+        Ok(eval)
+    }
+
+    pub fn plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
+    /// Changes the learning rate (schedules).
+    pub fn set_lr(&mut self, lr: f32) -> Result<()> {
+        let mut o = self.optimizer;
+        o.set_lr(lr);
+        o.validate()?;
+        self.optimizer = o;
+        Ok(())
+    }
+
+    pub fn loss_scale(&self) -> &LossScale {
+        &self.config.loss_scale
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Updates applied so far.
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// Steps skipped so far.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    /// The parameter buffers (master, working, gradients, optimizer state).
+    pub fn params(&self) -> &ParamBufs {
+        &self.params
+    }
+
+    /// The arena's bookkeeping: `high_water()` stays flat over training.
+    pub fn arena(&self) -> &Arena {
+        &self.arena
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// Copies the f32 master weights out (`out.len() == model.param_len()`).
+    pub fn read_master(&mut self, out: &mut [f32]) -> Result<()> {
+        self.backend.download(self.params.master, out)
+    }
+
+    /// Gives the backend (and its arena) back.
+    pub fn into_backend(self) -> B {
+        self.backend
+    }
+}
+
+/// Calls `f(row, argmax)` for each of `rows` rows of `logits: [rows, classes]`, reading in small chunks.
+fn argmax_rows<B: Backend>(
+    be: &mut B,
+    logits: Buf,
+    rows: usize,
+    classes: usize,
+    mut f: impl FnMut(usize, usize),
+) -> Result<()> {
+    let mut chunk = [0.0f32; 64];
+    for r in 0..rows {
+        let (mut best, mut best_j) = (f32::NEG_INFINITY, 0);
+        let mut j = 0;
+        while j < classes {
+            let n = chunk.len().min(classes - j);
+            be.download(logits.slice(r * classes + j, n), &mut chunk[..n])?;
+            for (k, &v) in chunk[..n].iter().enumerate() {
+                if v > best {
+                    best = v;
+                    best_j = j + k;
+                }
+            }
+            j += n;
+        }
+        f(r, best_j);
+    }
+    Ok(())
+}

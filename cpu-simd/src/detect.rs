@@ -1,0 +1,180 @@
+//! Kernel selection: which instruction sets this CPU has, chosen once.
+//!
+//! With `std`, detection is at run time (`is_x86_feature_detected!`) and the
+//! environment variable [`KERNEL_ENV`] can force a kernel. Without `std`, only the
+//! target features the crate was compiled with (`cfg!(target_feature)`) count.
+
+use crate::error::Error;
+
+/// Environment variable that forces a kernel: `scalar`, `avx2`, `avx512`, `avx512bf16`.
+pub const KERNEL_ENV: &str = "MANTISSA_KERNEL";
+
+/// The GEMM kernel families, one per instruction set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KernelId {
+    /// Portable Rust, 4x8 register tile. Always available.
+    Scalar,
+    /// AVX2 + FMA + F16C, 6x16 f32 tile.
+    Avx2,
+    /// AVX-512F (+ FMA, F16C), 14x32 f32 tile; bf16 inputs are widened while packing.
+    Avx512,
+    /// AVX-512F + AVX512_BF16: f32 as [`KernelId::Avx512`], bf16 through `vdpbf16ps`.
+    Avx512Bf16,
+}
+
+impl KernelId {
+    /// All kernels, slowest first.
+    pub const ALL: [KernelId; 4] = [
+        KernelId::Scalar,
+        KernelId::Avx2,
+        KernelId::Avx512,
+        KernelId::Avx512Bf16,
+    ];
+
+    /// The name used by [`KERNEL_ENV`].
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelId::Scalar => "scalar",
+            KernelId::Avx2 => "avx2",
+            KernelId::Avx512 => "avx512",
+            KernelId::Avx512Bf16 => "avx512bf16",
+        }
+    }
+
+    /// Parses a [`KernelId::name`] (ASCII case-insensitive, surrounding blanks ignored).
+    pub fn from_name(name: &str) -> Option<KernelId> {
+        let name = name.trim();
+        KernelId::ALL
+            .into_iter()
+            .find(|id| id.name().eq_ignore_ascii_case(name))
+    }
+
+    /// Whether this CPU (without `std`: this build's target features) can run it.
+    pub fn is_available(self) -> bool {
+        match self {
+            KernelId::Scalar => true,
+            KernelId::Avx2 => has_avx2(),
+            KernelId::Avx512 => has_avx512(),
+            KernelId::Avx512Bf16 => has_avx512() && has_avx512bf16(),
+        }
+    }
+}
+
+/// A kernel this CPU supports: holding one is the proof the GEMM entry points rely on
+/// to run instructions behind `#[target_feature]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Kernel(KernelId);
+
+impl Kernel {
+    /// The kernel `id`, or [`Error::KernelUnavailable`] if the CPU lacks it.
+    pub fn new(id: KernelId) -> Result<Kernel, Error> {
+        if id.is_available() {
+            Ok(Kernel(id))
+        } else {
+            Err(Error::KernelUnavailable(id))
+        }
+    }
+
+    /// The portable kernel, available everywhere.
+    pub const fn scalar() -> Kernel {
+        Kernel(KernelId::Scalar)
+    }
+
+    /// The fastest kernel this CPU supports, ignoring [`KERNEL_ENV`].
+    pub fn best() -> Kernel {
+        let id = KernelId::ALL
+            .into_iter()
+            .rev()
+            .find(|id| id.is_available())
+            .unwrap_or(KernelId::Scalar);
+        Kernel(id)
+    }
+
+    pub fn id(self) -> KernelId {
+        self.0
+    }
+
+    pub fn name(self) -> &'static str {
+        self.0.name()
+    }
+}
+
+/// Chooses the kernel: the one named by `forced` if given (an error if unknown or
+/// unsupported), else the fastest available. [`detect`] calls this with the
+/// environment variable; tests call it directly.
+pub fn detect_from(forced: Option<&str>) -> Result<Kernel, Error> {
+    match forced {
+        Some(name) if !name.trim().is_empty() => {
+            Kernel::new(KernelId::from_name(name).ok_or(Error::UnknownKernel)?)
+        }
+        _ => Ok(Kernel::best()),
+    }
+}
+
+/// Chooses the kernel once: [`KERNEL_ENV`] if set (with `std`), else the fastest available.
+/// Call it once and keep the [`Kernel`]; it reads the environment each time.
+pub fn detect() -> Result<Kernel, Error> {
+    #[cfg(feature = "std")]
+    {
+        let forced = std::env::var(KERNEL_ENV).ok();
+        detect_from(forced.as_deref())
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        detect_from(None)
+    }
+}
+
+/// Every kernel this CPU can run, slowest first.
+#[cfg(feature = "std")]
+pub fn available_kernels() -> Vec<KernelId> {
+    KernelId::ALL
+        .into_iter()
+        .filter(|id| id.is_available())
+        .collect()
+}
+
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+fn has_avx512() -> bool {
+    has_avx2() && is_x86_feature_detected!("avx512f")
+}
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+fn has_avx512bf16() -> bool {
+    is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(all(target_arch = "x86_64", not(feature = "std")))]
+fn has_avx2() -> bool {
+    cfg!(all(
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))
+}
+#[cfg(all(target_arch = "x86_64", not(feature = "std")))]
+fn has_avx512() -> bool {
+    has_avx2() && cfg!(target_feature = "avx512f")
+}
+#[cfg(all(target_arch = "x86_64", not(feature = "std")))]
+fn has_avx512bf16() -> bool {
+    cfg!(all(target_feature = "avx512bw", target_feature = "avx512bf16"))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx2() -> bool {
+    false
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx512() -> bool {
+    false
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx512bf16() -> bool {
+    false
+}

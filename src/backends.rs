@@ -1,0 +1,196 @@
+//! Backend selection at run time. This is the one place that knows which backends are compiled in: a backend
+//! whose Cargo feature is off answers [`Error::BackendNotCompiled`] naming the feature, so callers carry no
+//! `#[cfg]`.
+
+use mantissa_core::backend::{
+    Activation, AdamWStep, Backend, Capabilities, ConvGeom, Gemm, GradStats, ParamBufs, PoolGeom, SgdStep,
+};
+use mantissa_core::{Buf, Error, Reference, Result};
+
+/// The backends mantissa knows, compiled in or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// The scalar reference (always there).
+    Reference,
+    /// The SIMD CPU backend (feature `simd`).
+    CpuSimd,
+    /// NVIDIA GPUs (feature `cuda`).
+    Cuda,
+}
+
+impl BackendKind {
+    pub const ALL: [BackendKind; 3] = [BackendKind::Reference, BackendKind::CpuSimd, BackendKind::Cuda];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Reference => "reference",
+            BackendKind::CpuSimd => "cpu-simd",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+
+    /// Parses `reference`, `cpu-simd` (or `simd`), `cuda`, and `auto` (the best CPU backend compiled in).
+    pub fn from_name(name: &str) -> core::result::Result<BackendKind, UnknownBackend> {
+        match name {
+            "reference" | "scalar" => Ok(BackendKind::Reference),
+            "cpu-simd" | "simd" => Ok(BackendKind::CpuSimd),
+            "cuda" => Ok(BackendKind::Cuda),
+            "auto" => Ok(BackendKind::best_cpu()),
+            _ => Err(UnknownBackend),
+        }
+    }
+
+    /// Whether this backend is compiled into this build.
+    pub fn compiled(self) -> bool {
+        match self {
+            BackendKind::Reference => true,
+            BackendKind::CpuSimd => cfg!(feature = "simd"),
+            BackendKind::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+
+    /// The fastest CPU backend compiled in.
+    pub fn best_cpu() -> BackendKind {
+        if BackendKind::CpuSimd.compiled() {
+            BackendKind::CpuSimd
+        } else {
+            BackendKind::Reference
+        }
+    }
+
+    fn feature(self) -> &'static str {
+        match self {
+            BackendKind::Reference => "std",
+            BackendKind::CpuSimd => "simd",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+}
+
+/// A backend name that is not one of `reference`, `cpu-simd`, `cuda`, `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownBackend;
+
+impl core::fmt::Display for UnknownBackend {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("unknown backend; valid names are: reference, cpu-simd, cuda, auto")
+    }
+}
+
+/// Any compiled-in backend over a host buffer, chosen at run time.
+pub enum AnyBackend<'a> {
+    Reference(Reference<'a>),
+}
+
+impl core::fmt::Debug for AnyBackend<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "AnyBackend({})", self.capabilities().backend)
+    }
+}
+
+impl<'a> AnyBackend<'a> {
+    /// Opens `kind` over `buf` (the arena). A backend that is not compiled in, or cannot run here, is an error.
+    pub fn open(kind: BackendKind, buf: &'a mut [u8]) -> Result<AnyBackend<'a>> {
+        if !kind.compiled() {
+            return Err(Error::BackendNotCompiled { backend: kind.name(), feature: kind.feature() });
+        }
+        match kind {
+            BackendKind::Reference => Ok(AnyBackend::Reference(Reference::new(buf))),
+            BackendKind::CpuSimd => Err(Error::DeviceUnavailable(
+                "the cpu-simd backend's kernels exist but it is not wired into training yet",
+            )),
+            BackendKind::Cuda => Err(Error::DeviceUnavailable(
+                "the CUDA backend is not implemented in this version of mantissa",
+            )),
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $b:ident => $e:expr) => {
+        match $self {
+            AnyBackend::Reference($b) => $e,
+        }
+    };
+}
+
+impl Backend for AnyBackend<'_> {
+    fn capabilities(&self) -> Capabilities {
+        dispatch!(self, b => b.capabilities())
+    }
+    fn capacity(&self) -> usize {
+        dispatch!(self, b => b.capacity())
+    }
+    fn upload(&mut self, dst: Buf, src: &[f32]) -> Result<()> {
+        dispatch!(self, b => b.upload(dst, src))
+    }
+    fn upload_i32(&mut self, dst: Buf, src: &[i32]) -> Result<()> {
+        dispatch!(self, b => b.upload_i32(dst, src))
+    }
+    fn download(&mut self, src: Buf, dst: &mut [f32]) -> Result<()> {
+        dispatch!(self, b => b.download(src, dst))
+    }
+    fn download_bytes(&mut self, src: Buf, dst: &mut [u8]) -> Result<()> {
+        dispatch!(self, b => b.download_bytes(src, dst))
+    }
+    fn upload_bytes(&mut self, dst: Buf, src: &[u8]) -> Result<()> {
+        dispatch!(self, b => b.upload_bytes(dst, src))
+    }
+    fn fill(&mut self, dst: Buf, value: f32) -> Result<()> {
+        dispatch!(self, b => b.fill(dst, value))
+    }
+    fn cast(&mut self, src: Buf, dst: Buf) -> Result<()> {
+        dispatch!(self, b => b.cast(src, dst))
+    }
+    fn gemm(&mut self, g: &Gemm) -> Result<()> {
+        dispatch!(self, b => b.gemm(g))
+    }
+    fn add_bias(&mut self, y: Buf, bias: Buf, outer: usize, channels: usize, inner: usize) -> Result<()> {
+        dispatch!(self, b => b.add_bias(y, bias, outer, channels, inner))
+    }
+    fn bias_grad(&mut self, dy: Buf, dbias: Buf, outer: usize, channels: usize, inner: usize) -> Result<()> {
+        dispatch!(self, b => b.bias_grad(dy, dbias, outer, channels, inner))
+    }
+    fn activation(&mut self, act: Activation, x: Buf, y: Buf) -> Result<()> {
+        dispatch!(self, b => b.activation(act, x, y))
+    }
+    fn activation_backward(&mut self, act: Activation, x: Buf, dy: Buf, dx: Buf) -> Result<()> {
+        dispatch!(self, b => b.activation_backward(act, x, dy, dx))
+    }
+    fn softmax_cross_entropy(
+        &mut self,
+        logits: Buf,
+        labels: Buf,
+        rows: usize,
+        classes: usize,
+        loss: Buf,
+        dlogits: Buf,
+        grad_scale: f32,
+    ) -> Result<()> {
+        dispatch!(self, b => b.softmax_cross_entropy(logits, labels, rows, classes, loss, dlogits, grad_scale))
+    }
+    fn im2col(&mut self, x: Buf, g: &ConvGeom, images: usize, cols: Buf) -> Result<()> {
+        dispatch!(self, b => b.im2col(x, g, images, cols))
+    }
+    fn col2im(&mut self, cols: Buf, g: &ConvGeom, images: usize, dx: Buf) -> Result<()> {
+        dispatch!(self, b => b.col2im(cols, g, images, dx))
+    }
+    fn maxpool(&mut self, x: Buf, g: &PoolGeom, images: usize, y: Buf, argmax: Buf) -> Result<()> {
+        dispatch!(self, b => b.maxpool(x, g, images, y, argmax))
+    }
+    fn maxpool_backward(&mut self, dy: Buf, argmax: Buf, g: &PoolGeom, images: usize, dx: Buf) -> Result<()> {
+        dispatch!(self, b => b.maxpool_backward(dy, argmax, g, images, dx))
+    }
+    fn grad_stats(&mut self, grad: Buf, scale: f32) -> Result<GradStats> {
+        dispatch!(self, b => b.grad_stats(grad, scale))
+    }
+    fn sgd_step(&mut self, p: &ParamBufs, s: &SgdStep) -> Result<()> {
+        dispatch!(self, b => b.sgd_step(p, s))
+    }
+    fn adamw_step(&mut self, p: &ParamBufs, s: &AdamWStep) -> Result<()> {
+        dispatch!(self, b => b.adamw_step(p, s))
+    }
+    fn synchronize(&mut self) -> Result<()> {
+        dispatch!(self, b => b.synchronize())
+    }
+}

@@ -1,0 +1,13 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(not(feature = "std"), no_std)]
+
+pub use mantissa_core::*;
+pub use mantissa_core::{arena, backend, dtype, error, layers, loss_scale, model, numerics, optim, plan, policy, reference, rng, trainer};
+
+pub mod backends;
+#[cfg(feature = "std")]
+pub mod data;
+#[cfg(feature = "std")]
+pub mod host;
+#[cfg(feature = "std")]
+pub mod io;
