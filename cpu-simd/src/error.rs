@@ -23,11 +23,7 @@ pub enum Error {
     /// Scratch given to a `*_in` function is smaller than [`crate::gemm_scratch_len`].
     ScratchTooSmall { needed: usize, got: usize },
     /// Inner or outer dimensions of A, B, C disagree.
-    ShapeMismatch {
-        a: (usize, usize),
-        b: (usize, usize),
-        c: (usize, usize),
-    },
+    ShapeMismatch { a: (usize, usize), b: (usize, usize), c: (usize, usize) },
     /// An element of the operand lies outside its slice (or the index overflows).
     OutOfBounds(Operand),
     /// C's strides map two distinct elements to the same memory.
@@ -37,21 +33,16 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::UnknownKernel => write!(
-                f,
-                "unknown kernel name (expected scalar, avx2, avx512 or avx512bf16)"
-            ),
+            Error::UnknownKernel => write!(f, "unknown kernel name (expected scalar, avx2, avx512 or avx512bf16)"),
             Error::KernelUnavailable(id) => {
                 write!(f, "kernel `{}` is not supported by this CPU", id.name())
             }
             Error::ScratchTooSmall { needed, got } => {
                 write!(f, "GEMM scratch too small: need {needed} bytes, got {got}")
             }
-            Error::ShapeMismatch { a, b, c } => write!(
-                f,
-                "GEMM shape mismatch: A {}x{}, B {}x{}, C {}x{}",
-                a.0, a.1, b.0, b.1, c.0, c.1
-            ),
+            Error::ShapeMismatch { a, b, c } => {
+                write!(f, "GEMM shape mismatch: A {}x{}, B {}x{}, C {}x{}", a.0, a.1, b.0, b.1, c.0, c.1)
+            }
             Error::OutOfBounds(op) => write!(f, "GEMM operand {op:?} indexes outside its slice"),
             Error::AliasingOutput => write!(f, "GEMM output C has overlapping strides"),
         }

@@ -35,7 +35,4 @@ pub use detect::{detect, detect_from, Kernel, KernelId, KERNEL_ENV};
 pub use error::{Error, Operand};
 #[cfg(feature = "std")]
 pub use gemm::{gemm, gemm_bf16, gemm_f16, gemm_f32};
-pub use gemm::{
-    gemm_bf16_in, gemm_f16_in, gemm_f32_in, gemm_in, gemm_scratch_len, COut, Elem, MatMut,
-    MatRef,
-};
+pub use gemm::{gemm_bf16_in, gemm_f16_in, gemm_f32_in, gemm_in, gemm_scratch_len, COut, Elem, MatMut, MatRef};

@@ -35,13 +35,7 @@ impl ScratchLayout {
         let b_bytes = align64(nc * kc * p);
         let cacc_ld = nc.next_multiple_of(16);
         let c_bytes = if cacc { align64(mc * cacc_ld * 4) } else { 0 };
-        ScratchLayout {
-            a: 0,
-            b: a_bytes,
-            cacc: a_bytes + b_bytes,
-            cacc_ld,
-            total: 64 + a_bytes + b_bytes + c_bytes,
-        }
+        ScratchLayout { a: 0, b: a_bytes, cacc: a_bytes + b_bytes, cacc_ld, total: 64 + a_bytes + b_bytes + c_bytes }
     }
 }
 
@@ -56,27 +50,16 @@ const MAX_TILE: usize = 14 * 32;
 /// `ScratchLayout::new::<M>(m, n, k, TC is not f32).total - 64` bytes; the CPU
 /// supports `M`'s instructions.
 #[inline(always)]
-pub(crate) unsafe fn gemm_blocked<M: Micro, TA: Elem, TB: Elem, TC: Elem>(
-    t: &Task<TA, TB, TC>,
-    scratch: *mut u8,
-) {
+pub(crate) unsafe fn gemm_blocked<M: Micro, TA: Elem, TB: Elem, TC: Elem>(t: &Task<TA, TB, TC>, scratch: *mut u8) {
     let Task { m, n, k, .. } = *t;
     let direct = matches!(TC::KIND, ElemKind::F32);
     let lay = ScratchLayout::new::<M>(m, n, k, !direct);
     // SAFETY: the regions lie inside scratch (caller) and are 64-byte aligned.
     let (ap, bp, cacc) = unsafe {
-        (
-            scratch.add(lay.a) as *mut M::P,
-            scratch.add(lay.b) as *mut M::P,
-            scratch.add(lay.cacc) as *mut f32,
-        )
+        (scratch.add(lay.a) as *mut M::P, scratch.add(lay.b) as *mut M::P, scratch.add(lay.cacc) as *mut f32)
     };
-    let at = |i: usize, p: usize| -> *const TA {
-        t.a.wrapping_offset(i as isize * t.rsa + p as isize * t.csa)
-    };
-    let bt = |p: usize, j: usize| -> *const TB {
-        t.b.wrapping_offset(p as isize * t.rsb + j as isize * t.csb)
-    };
+    let at = |i: usize, p: usize| -> *const TA { t.a.wrapping_offset(i as isize * t.rsa + p as isize * t.csa) };
+    let bt = |p: usize, j: usize| -> *const TB { t.b.wrapping_offset(p as isize * t.rsb + j as isize * t.csb) };
     for jc in (0..n).step_by(M::NC) {
         let nc = M::NC.min(n - jc);
         if direct {
@@ -115,8 +98,7 @@ pub(crate) unsafe fn gemm_blocked<M: Micro, TA: Elem, TB: Elem, TC: Elem>(
                     for j in 0..nc {
                         // SAFETY: (ic + i, jc + j) lies inside C; cacc holds mc x ld.
                         unsafe {
-                            let cp =
-                                t.c.offset((ic + i) as isize * t.rsc + (jc + j) as isize * t.csc);
+                            let cp = t.c.offset((ic + i) as isize * t.rsc + (jc + j) as isize * t.csc);
                             let mut v = t.alpha * *cacc.add(i * lay.cacc_ld + j);
                             if t.beta != 0.0 {
                                 v += t.beta * (*cp).to_f32();
@@ -136,14 +118,7 @@ pub(crate) unsafe fn gemm_blocked<M: Micro, TA: Elem, TB: Elem, TC: Elem>(
 /// `a[i * rsa + p * csa]` readable for `i < mc`, `p < kc`; `dst` holds
 /// `mc.next_multiple_of(MR) * kc.next_multiple_of(KU)` P.
 #[inline(always)]
-unsafe fn pack_a_block<M: Micro, T: Elem>(
-    mc: usize,
-    kc: usize,
-    a: *const T,
-    rsa: isize,
-    csa: isize,
-    dst: *mut M::P,
-) {
+unsafe fn pack_a_block<M: Micro, T: Elem>(mc: usize, kc: usize, a: *const T, rsa: isize, csa: isize, dst: *mut M::P) {
     let panel = kc.next_multiple_of(M::KU) * M::MR;
     for (s, ir) in (0..mc).step_by(M::MR).enumerate() {
         // SAFETY: panel s reads rows ir.. < mc and writes dst[s * panel..][..panel].
@@ -160,14 +135,7 @@ unsafe fn pack_a_block<M: Micro, T: Elem>(
 /// `b[p * rsb + j * csb]` readable for `p < kc`, `j < nc`; `dst` holds
 /// `nc.next_multiple_of(NR) * kc.next_multiple_of(KU)` P.
 #[inline(always)]
-unsafe fn pack_b_block<M: Micro, T: Elem>(
-    kc: usize,
-    nc: usize,
-    b: *const T,
-    rsb: isize,
-    csb: isize,
-    dst: *mut M::P,
-) {
+unsafe fn pack_b_block<M: Micro, T: Elem>(kc: usize, nc: usize, b: *const T, rsb: isize, csb: isize, dst: *mut M::P) {
     let panel = kc.next_multiple_of(M::KU) * M::NR;
     for (s, jr) in (0..nc).step_by(M::NR).enumerate() {
         // SAFETY: panel s reads columns jr.. < nc and writes dst[s * panel..][..panel].

@@ -1,7 +1,9 @@
 //! Widening of 16-bit inputs to f32 during packing; F16C (`vcvtph2ps`) for f16
 //! where the kernel has it, `half`'s portable conversion otherwise.
 
-use super::{Elem, ElemKind};
+use super::Elem;
+#[cfg(target_arch = "x86_64")]
+use super::ElemKind;
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
@@ -29,12 +31,9 @@ pub(crate) unsafe fn load_f32<T: Elem, const F16C: bool>(p: *const T) -> f32 {
 /// # Safety
 /// `src` readable and `dst` writable for `R` elements; with `F16C` the CPU supports F16C.
 #[inline(always)]
-pub(crate) unsafe fn run_to_f32<T: Elem, const R: usize, const F16C: bool>(
-    src: *const T,
-    dst: *mut f32,
-) {
+pub(crate) unsafe fn run_to_f32<T: Elem, const R: usize, const F16C: bool>(src: *const T, dst: *mut f32) {
     #[cfg(target_arch = "x86_64")]
-    if F16C && matches!(T::KIND, ElemKind::F16) && R % 8 == 0 {
+    if F16C && matches!(T::KIND, ElemKind::F16) && R.is_multiple_of(8) {
         for i in (0..R).step_by(8) {
             // SAFETY: 8 f16 (16 bytes) readable at src + i and 8 f32 writable at
             // dst + i, since i + 8 <= R; F16C supported (caller).

@@ -101,9 +101,9 @@ pub(crate) unsafe fn pack_bf16_pairs<T: Elem, const R: usize>(
     for p2 in 0..kp {
         let p = 2 * p2;
         let has_odd = p + 1 < kc;
-        // SAFETY: row p < kc of the panel is readable (caller).
-        let r0 = unsafe { src.offset(p as isize * ks) };
-        let d = unsafe { dst.add(p2 * R * 2) };
+        // SAFETY: row p < kc of the panel is readable and pair p2 < kp has
+        // R * 2 slots in dst (caller).
+        let (r0, d) = unsafe { (src.offset(p as isize * ks), dst.add(p2 * R * 2)) };
         if valid == R && rs == 1 && has_odd {
             // SAFETY: rows p and p + 1 are readable, R contiguous elements each;
             // d has R * 2 slots.

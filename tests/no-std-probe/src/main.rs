@@ -1,6 +1,6 @@
-//! A no_std, no-alloc static library whose only job is to link mantissa-core for thumbv7em-none-eabihf.
-//! There is no `#[global_allocator]`: any use of `alloc` in the core makes the build fail, and
-//! scripts/check-no-std.sh also looks for allocator symbols in the archive.
+//! A no_std, no-alloc program whose only job is to link mantissa-core for thumbv7em-none-eabihf, with
+//! `probe` as its entry point. There is no `#[global_allocator]`: any use of `alloc` in the core makes the
+//! build or the link fail, and scripts/check-no-std.sh also looks for allocator symbols in the ELF.
 #![no_std]
 #![no_main]
 
@@ -14,7 +14,7 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
     }
 }
 
-/// Called from nothing; `#[no_mangle]` keeps it (and the core code it reaches) in the archive.
+/// The entry point (see build.rs): what it reaches of the core is what gets linked and checked.
 #[no_mangle]
 pub extern "C" fn probe(x: f32) -> f32 {
     let mut arena = Arena::new(1024);
