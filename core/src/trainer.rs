@@ -171,6 +171,68 @@ impl<B: Backend> Trainer<B> {
 
     fn step_inner(&mut self, s: &StepBufs, x: &[f32], labels: &[u32], rows: usize) -> Result<StepReport> {
         let scale = self.config.loss_scale.scale();
+        let (loss, correct) = self.forward_backward_inner(s, x, labels, rows, scale)?;
+        let inv_scale = 1.0 / scale;
+        let stats = self.backend.grad_stats(self.params.grad, inv_scale)?;
+        let finite = stats.non_finite == 0;
+        let grad_norm = if finite { libm::sqrt(stats.sum_sq) as f32 } else { f32::NAN };
+        let mut loss_scale = self.config.loss_scale;
+        let apply = loss_scale.update(finite);
+        if apply {
+            let clip = match self.config.clip_norm {
+                Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
+                _ => 1.0,
+            };
+            self.optimizer.step(&mut self.backend, &self.params, self.updates + 1, inv_scale * clip)?;
+            self.updates += 1;
+        } else {
+            self.skipped += 1;
+        }
+        self.config.loss_scale = loss_scale;
+        Ok(StepReport {
+            loss,
+            loss_scale: scale,
+            skipped: !apply,
+            grad_norm,
+            correct,
+            rows,
+            skipped_total: self.skipped,
+        })
+    }
+
+    /// Forward and backward without an update: leaves `grad * scale` in the gradient buffer and returns the
+    /// mean loss. For custom loops and gradient checks; `step` is this plus the update.
+    pub fn forward_backward(&mut self, x: &[f32], labels: &[u32], scale: f32) -> Result<f32> {
+        let rows = self.check_batch(x, labels.len())?;
+        let bufs = alloc_step(&mut self.arena, &self.model, self.policy, self.config.batch)?;
+        let result = self.forward_backward_inner(&bufs, x, labels, rows, scale).map(|(loss, _)| loss);
+        self.arena.release(self.base);
+        result
+    }
+
+    /// Copies the f32 gradients out (`out.len() == model.param_len()`), still multiplied by the loss scale.
+    pub fn read_gradients(&mut self, out: &mut [f32]) -> Result<()> {
+        self.backend.download(self.params.grad, out)
+    }
+
+    /// Overwrites the f32 master weights (and refreshes the working copy). `w.len() == model.param_len()`.
+    pub fn write_master(&mut self, w: &[f32]) -> Result<()> {
+        self.backend.upload(self.params.master, w)?;
+        if self.params.working != self.params.master {
+            self.backend.cast(self.params.master, self.params.working)?;
+        }
+        Ok(())
+    }
+
+    /// Upload, forward, loss (times `scale`), backward. Returns the mean loss and the correct count.
+    fn forward_backward_inner(
+        &mut self,
+        s: &StepBufs,
+        x: &[f32],
+        labels: &[u32],
+        rows: usize,
+        scale: f32,
+    ) -> Result<(f32, usize)> {
         self.upload_batch(s, x, labels, rows)?;
         let logits = self.forward(s, rows)?;
         // The loss head writes dlogits into the ping-pong buffer that feeds the last layer's backward.
@@ -197,34 +259,9 @@ impl<B: Backend> Trainer<B> {
                 dy = dx;
             }
         }
-        let inv_scale = 1.0 / scale;
-        let stats = self.backend.grad_stats(self.params.grad, inv_scale)?;
-        let finite = stats.non_finite == 0;
-        let grad_norm = if finite { libm::sqrt(stats.sum_sq) as f32 } else { f32::NAN };
         let mut loss = [0.0f32];
         self.backend.download(s.loss, &mut loss)?;
-        let mut loss_scale = self.config.loss_scale;
-        let apply = loss_scale.update(finite);
-        if apply {
-            let clip = match self.config.clip_norm {
-                Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
-                _ => 1.0,
-            };
-            self.optimizer.step(&mut self.backend, &self.params, self.updates + 1, inv_scale * clip)?;
-            self.updates += 1;
-        } else {
-            self.skipped += 1;
-        }
-        self.config.loss_scale = loss_scale;
-        Ok(StepReport {
-            loss: loss[0],
-            loss_scale: scale,
-            skipped: !apply,
-            grad_norm,
-            correct,
-            rows,
-            skipped_total: self.skipped,
-        })
+        Ok((loss[0], correct))
     }
 
     /// Runs the layers forward over `rows` samples already uploaded to `s.input`; returns the logits.
@@ -397,6 +434,25 @@ impl<B: Backend> Trainer<B> {
     /// Copies the f32 master weights out (`out.len() == model.param_len()`).
     pub fn read_master(&mut self, out: &mut [f32]) -> Result<()> {
         self.backend.download(self.params.master, out)
+    }
+
+    /// Replaces the loss-scale state (restoring a checkpoint, or switching scaling mid-run).
+    pub fn set_loss_scale(&mut self, s: LossScale) -> Result<()> {
+        match s {
+            LossScale::Fixed(v) => {
+                LossScale::fixed(v)?;
+            }
+            LossScale::Dynamic(d) => d.config.validate()?,
+            LossScale::None => {}
+        }
+        self.config.loss_scale = s;
+        Ok(())
+    }
+
+    /// Restores the update and skip counters (from a checkpoint). AdamW's bias correction uses `updates`.
+    pub fn set_counters(&mut self, updates: u64, skipped: u64) {
+        self.updates = updates;
+        self.skipped = skipped;
     }
 
     /// Gives the backend (and its arena) back.

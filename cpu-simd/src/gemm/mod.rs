@@ -6,7 +6,7 @@
 //! f32 over the whole k and rounded to nearest even once.
 //!
 //! Layers, outer to inner: the entry points here (shape checks, threads, scratch),
-//! [`driver`] (cache blocking and packing, generic), and one micro-kernel per
+//! `driver` (cache blocking and packing, generic), and one micro-kernel per
 //! instruction set (`scalar`, `avx2`, `avx512`, `avx512bf16`), each a zero-sized
 //! type whose `#[target_feature]` entry point instantiates the generic driver.
 
@@ -211,6 +211,7 @@ pub(crate) fn scratch_of<M: Micro, TC: Elem>(m: usize, n: usize, k: usize) -> us
     ScratchLayout::new::<M>(m, n, k, !matches!(TC::KIND, ElemKind::F32)).total
 }
 
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn is_bf16<T: Elem>() -> bool {
     matches!(T::KIND, ElemKind::Bf16)
 }
@@ -507,7 +508,7 @@ macro_rules! half_gemm {
 half_gemm!(
     /// `C = alpha * A * B + beta * C` with bf16 A and B, f32 accumulation, C in f32 or
     /// 16 bits (rounded to nearest even once, after the whole k). On
-    /// [`KernelId::Avx512Bf16`] products go through `vdpbf16ps`, which flushes
+    /// [`crate::KernelId::Avx512Bf16`] products go through `vdpbf16ps`, which flushes
     /// subnormal inputs and results to zero; other kernels widen to f32 while packing.
     /// Arguments as [`gemm_f32`].
     gemm_bf16,

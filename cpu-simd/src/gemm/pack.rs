@@ -10,7 +10,9 @@
 //! loop LLVM can vectorize.
 
 use super::f16c::{load_f32, run_to_f32};
-use super::{Elem, ElemKind};
+use super::Elem;
+#[cfg(target_arch = "x86_64")]
+use super::ElemKind;
 
 /// Packs one f32 panel: `dst[p * R + i] = src[i * rs + p * ks]`.
 ///
@@ -70,6 +72,7 @@ pub(crate) unsafe fn pack_f32<T: Elem, const R: usize, const F16C: bool>(
 ///
 /// # Safety
 /// `p` is readable.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn load_bf16_bits<T: Elem>(p: *const T) -> u16 {
     if matches!(T::KIND, ElemKind::Bf16) {
@@ -87,6 +90,7 @@ unsafe fn load_bf16_bits<T: Elem>(p: *const T) -> u16 {
 /// # Safety
 /// `src[i * rs + p * ks]` is readable for `i < valid <= R`, `p < kc`; `dst` is
 /// writable for `kc.div_ceil(2) * R * 2` u16.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) unsafe fn pack_bf16_pairs<T: Elem, const R: usize>(
     kc: usize,
