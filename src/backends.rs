@@ -80,6 +80,9 @@ impl core::fmt::Display for UnknownBackend {
 /// Any compiled-in backend over a host buffer, chosen at run time.
 pub enum AnyBackend<'a> {
     Reference(Reference<'a>),
+    /// AVX2 / AVX-512 kernels, chosen at run time (`MANTISSA_KERNEL` forces one).
+    #[cfg(feature = "simd")]
+    CpuSimd(mantissa_cpu_simd::SimdBackend<'a>),
 }
 
 impl core::fmt::Debug for AnyBackend<'_> {
@@ -96,9 +99,10 @@ impl<'a> AnyBackend<'a> {
         }
         match kind {
             BackendKind::Reference => Ok(AnyBackend::Reference(Reference::new(buf))),
-            BackendKind::CpuSimd => Err(Error::DeviceUnavailable(
-                "the cpu-simd backend's kernels exist but it is not wired into training yet",
-            )),
+            #[cfg(feature = "simd")]
+            BackendKind::CpuSimd => Ok(AnyBackend::CpuSimd(mantissa_cpu_simd::SimdBackend::new(buf, 0)?)),
+            #[cfg(not(feature = "simd"))]
+            BackendKind::CpuSimd => Err(Error::BackendNotCompiled { backend: kind.name(), feature: kind.feature() }),
             BackendKind::Cuda => Err(Error::DeviceUnavailable(
                 "the CUDA backend is not implemented in this version of mantissa",
             )),
@@ -106,10 +110,37 @@ impl<'a> AnyBackend<'a> {
     }
 }
 
+impl AnyBackend<'_> {
+    /// The SIMD kernel in use (`scalar`, `avx2`, `avx512`, `avx512bf16`: `MANTISSA_KERNEL` forces one), or
+    /// `None` for a backend without one.
+    pub fn kernel(&self) -> Option<&'static str> {
+        match self {
+            AnyBackend::Reference(_) => None,
+            #[cfg(feature = "simd")]
+            AnyBackend::CpuSimd(b) => Some(b.kernel().name()),
+        }
+    }
+}
+
+/// Whether the SIMD kernel `name` (as for `MANTISSA_KERNEL`) is compiled in and runs on this CPU.
+pub fn simd_kernel_available(name: &str) -> bool {
+    #[cfg(feature = "simd")]
+    {
+        mantissa_cpu_simd::KernelId::from_name(name).is_some_and(|id| id.is_available())
+    }
+    #[cfg(not(feature = "simd"))]
+    {
+        let _ = name;
+        false
+    }
+}
+
 macro_rules! dispatch {
     ($self:ident, $b:ident => $e:expr) => {
         match $self {
             AnyBackend::Reference($b) => $e,
+            #[cfg(feature = "simd")]
+            AnyBackend::CpuSimd($b) => $e,
         }
     };
 }

@@ -5,6 +5,7 @@ pub use mantissa_core::*;
 pub use mantissa_core::{arena, backend, dtype, error, layers, loss_scale, model, numerics, optim, plan, policy, reference, rng, trainer};
 
 pub mod backends;
+#[cfg(feature = "std")] pub mod checkpoint;
 #[cfg(feature = "std")]
 pub mod data;
 #[cfg(feature = "std")]

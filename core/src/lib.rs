@@ -12,6 +12,7 @@ mod fmt;
 
 pub mod arena;
 pub mod backend;
+pub mod checkpoint;
 pub mod dtype;
 pub mod error;
 pub mod layers;

@@ -66,10 +66,12 @@ impl<'a> Reference<'a> {
     }
 
     fn check(&self, b: Buf, what: &'static str) -> Result<()> {
-        if b.end() > self.capacity || b.offset % b.dtype.size() != 0 {
-            return Err(Error::ShapeMismatch { what, expected: self.capacity, got: b.end() });
+        // Checked arithmetic: `Buf::end` wraps for a handle near `usize::MAX`, which would pass the test below.
+        let end = b.len.checked_mul(b.dtype.size()).and_then(|n| b.offset.checked_add(n));
+        match end {
+            Some(end) if end <= self.capacity && b.offset % b.dtype.size() == 0 => Ok(()),
+            _ => Err(Error::ShapeMismatch { what, expected: self.capacity, got: end.unwrap_or(usize::MAX) }),
         }
-        Ok(())
     }
 
     fn check_len(b: Buf, len: usize, what: &'static str) -> Result<()> {
@@ -260,7 +262,7 @@ impl Backend for Reference<'_> {
         if g.a.dtype != g.b.dtype {
             return Err(Error::UnsupportedDType { what: "gemm B (must match A)", dtype: g.b.dtype });
         }
-        let (ea, eb, ec) = g.extents();
+        let (ea, eb, ec) = checked_extents(g).ok_or(Error::InvalidConfig("gemm: operand extent overflows usize"))?;
         Self::check_len(g.a, ea, "gemm A")?;
         Self::check_len(g.b, eb, "gemm B")?;
         Self::check_len(g.c, ec, "gemm C")?;
@@ -339,6 +341,10 @@ impl Backend for Reference<'_> {
         self.check(dx, "activation_backward dx")?;
         Self::check_len(dy, x.len, "activation_backward dy")?;
         Self::check_len(dx, x.len, "activation_backward dx")?;
+        if dx.dtype != dy.dtype {
+            // dx is written with dy's element type below.
+            return Err(Error::UnsupportedDType { what: "activation_backward dx (must match dy)", dtype: dx.dtype });
+        }
         with_float!(x.dtype, "activation_backward", X => with_float!(dy.dtype, "activation_backward", D => {
             let (xv, dyv, dxv) = (self.view::<X>(x), self.view::<D>(dy), self.view_mut::<D>(dx));
             for i in 0..x.len {
@@ -509,6 +515,14 @@ impl Backend for Reference<'_> {
         Self::check_len(argmax, images * g.out_len(), "maxpool argmax")?;
         if argmax.dtype != DType::I32 {
             return Err(Error::UnsupportedDType { what: "maxpool argmax", dtype: argmax.dtype });
+        }
+        // Every window must lie inside the image: the loop below indexes by the geometry alone.
+        let fits = |out: usize, size: usize| {
+            let last = (out.max(1) - 1).checked_mul(g.stride).and_then(|v| v.checked_add(g.kernel));
+            out == 0 || (g.kernel >= 1 && last.is_some_and(|end| end <= size))
+        };
+        if !fits(g.out_height, g.height) || !fits(g.out_width, g.width) {
+            return Err(Error::InvalidConfig("maxpool: pooling windows reach outside the input"));
         }
         let am = self.ptr::<i32>(argmax);
         with_float!(x.dtype, "maxpool", X => with_float!(y.dtype, "maxpool", Y => {
@@ -699,6 +713,24 @@ fn act_derivative(act: Activation, x: f32) -> f32 {
             0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_S * (1.0 + 3.0 * GELU_C * x2)
         }
     }
+}
+
+/// [`Gemm::extents`] with checked arithmetic: `None` when a stride or leading dimension overflows `usize`
+/// (the unchecked sum would wrap to a small extent that passes the length checks).
+fn checked_extents(g: &Gemm) -> Option<(usize, usize, usize)> {
+    fn extent(rows: usize, cols: usize, ld: usize, batch: usize, stride: usize) -> Option<usize> {
+        if rows == 0 || cols == 0 || batch == 0 {
+            return Some(0);
+        }
+        (batch - 1).checked_mul(stride)?.checked_add((rows - 1).checked_mul(ld)?)?.checked_add(cols)
+    }
+    let (ar, ac) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
+    let (br, bc) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
+    Some((
+        extent(ar, ac, g.lda, g.batch, g.stride_a)?,
+        extent(br, bc, g.ldb, g.batch, g.stride_b)?,
+        extent(g.m, g.n, g.ldc, g.batch, g.stride_c)?,
+    ))
 }
 
 /// sqrt(2 / pi)

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::layers::{Bwd, Fwd, Params};
 use crate::loss_scale::{DynamicLossScale, LossScale};
 use crate::model::Model;
+use crate::numerics::{NonFiniteReport, Phase};
 use crate::optim::Optimizer;
 use crate::plan::{alloc_params, alloc_step, MemoryPlan, StepBufs};
 use crate::policy::Policy;
@@ -112,6 +113,8 @@ pub struct Trainer<B: Backend> {
     /// Updates applied (AdamW's `t`).
     updates: u64,
     skipped: u64,
+    /// Stop at the first non-finite value (like `tf.debugging.enable_check_numerics`).
+    check_numerics: bool,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -156,7 +159,20 @@ impl<B: Backend> Trainer<B> {
                 backend.fill(s, 0.0)?;
             }
         }
-        Ok(Trainer { backend, model, policy, optimizer, config, arena, params, base, plan, updates: 0, skipped: 0 })
+        Ok(Trainer {
+            backend,
+            model,
+            policy,
+            optimizer,
+            config,
+            arena,
+            params,
+            base,
+            plan,
+            updates: 0,
+            skipped: 0,
+            check_numerics: false,
+        })
     }
 
     /// One training step on `rows = labels.len()` samples; `x` is `[rows, input]` in f32.
@@ -185,6 +201,10 @@ impl<B: Backend> Trainer<B> {
             };
             self.optimizer.step(&mut self.backend, &self.params, self.updates + 1, inv_scale * clip)?;
             self.updates += 1;
+            if self.check_numerics {
+                let n = self.params.master.len;
+                check_finite(&mut self.backend, self.params.master, [n, 1], None, "optimizer", "master weights", Phase::Update)?;
+            }
         } else {
             self.skipped += 1;
         }
@@ -239,6 +259,11 @@ impl<B: Backend> Trainer<B> {
         let n = self.model.layers().len();
         let mut dy = s.grad_a;
         self.model.loss().forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, dy, scale)?;
+        let classes = self.model.classes();
+        if self.check_numerics {
+            check_finite(&mut self.backend, s.loss, [1, 1], None, "loss", "loss value", Phase::Forward)?;
+            check_finite(&mut self.backend, dy.prefix(rows * classes), [rows, classes], None, "loss", "logits gradient", Phase::Backward)?;
+        }
         let correct = self.count_correct(logits, s.labels, labels, rows)?;
         let p = Params { working: self.params.working, grad: self.params.grad };
         let layers = self.model.layers();
@@ -255,6 +280,18 @@ impl<B: Backend> Trainer<B> {
             };
             let io = Bwd { x: x_i, y: s.acts[i], dy, dx, aux: s.aux[i], scratch: s.scratch, rows };
             layer.backward(&mut self.backend, &p, &io)?;
+            if self.check_numerics {
+                for (name, off, dims) in layer.tensors() {
+                    let len: usize = dims.iter().product();
+                    let g = self.params.grad.slice(off, len);
+                    check_finite(&mut self.backend, g, [dims[0], len / dims[0].max(1)], Some(i), layer.kind(), name_grad(name), Phase::Backward)?;
+                }
+                if let (Some(dx), false) = (dx, layer.aliases_input()) {
+                    let per = layer.in_shape().len();
+                    let what = "input gradient";
+                    check_finite(&mut self.backend, dx.prefix(rows * per), [rows, per], Some(i), layer.kind(), what, Phase::Backward)?;
+                }
+            }
             if let Some(dx) = dx {
                 dy = dx;
             }
@@ -272,6 +309,10 @@ impl<B: Backend> Trainer<B> {
             let io = Fwd { x, y: s.acts[i], aux: s.aux[i], scratch: s.scratch, rows };
             layer.forward(&mut self.backend, &p, &io)?;
             x = s.acts[i];
+            if self.check_numerics {
+                let per = layer.out_shape().len();
+                check_finite(&mut self.backend, x.prefix(rows * per), [rows, per], Some(i), layer.kind(), "output", Phase::Forward)?;
+            }
         }
         Ok(x)
     }
@@ -455,9 +496,62 @@ impl<B: Backend> Trainer<B> {
         self.skipped = skipped;
     }
 
+    /// Check-numerics mode (like `tf.debugging.enable_check_numerics`): off by default, and then costs
+    /// nothing. When on, every layer output, loss, gradient and updated weight is scanned, and the first
+    /// non-finite value stops the step with [`Error::NonFinite`] naming the layer, tensor, phase, dtype, shape
+    /// and the NaN and Inf counts. (Under dynamic loss scaling an f16 overflow, normally a skipped step, is
+    /// then reported as an error too, as TensorFlow does.) Errors in the forward or backward phase leave
+    /// the model untouched; an update-phase error reports weights the update already wrote.
+    pub fn set_check_numerics(&mut self, on: bool) {
+        self.check_numerics = on;
+    }
+
+    pub fn check_numerics(&self) -> bool {
+        self.check_numerics
+    }
+
     /// Gives the backend (and its arena) back.
     pub fn into_backend(self) -> B {
         self.backend
+    }
+}
+
+/// Scans `buf` for NaN and Inf (in chunks: no heap), and reports the first tensor that holds any.
+fn check_finite<B: Backend>(
+be: &mut B,
+    buf: Buf,
+    shape: [usize; 2],
+    layer: Option<usize>,
+    kind: &'static str,
+    op: &'static str,
+    phase: Phase,
+) -> Result<()> {
+    let (mut nan, mut inf) = (0usize, 0usize);
+    let mut chunk = [0.0f32; 256];
+    let mut done = 0;
+    while done < buf.len {
+        let n = chunk.len().min(buf.len - done);
+        be.download(buf.slice(done, n), &mut chunk[..n])?;
+        for v in &chunk[..n] {
+            if v.is_nan() {
+                nan += 1;
+            } else if v.is_infinite() {
+                inf += 1;
+            }
+        }
+        done += n;
+    }
+    if nan + inf == 0 {
+        return Ok(());
+    }
+    Err(Error::NonFinite(NonFiniteReport { layer, kind, op, phase, dtype: buf.dtype, shape, nan, inf }))
+}
+
+fn name_grad(name: &str) -> &'static str {
+    match name {
+        "weight" => "weight gradient",
+        "bias" => "bias gradient",
+        _ => "parameter gradient",
     }
 }
 

@@ -128,13 +128,13 @@ pub fn available_kernels() -> Vec<KernelId> {
 
 /// Whether `vdpbf16ps` outruns f32 FMA on this CPU (see [`Kernel::best`]): AMD only.
 #[cfg(target_arch = "x86_64")]
-fn bf16_dot_is_fast() -> bool {
+pub(crate) fn bf16_dot_is_fast() -> bool {
     // CPUID leaf 0 exists on every x86_64 CPU; the vendor string is EBX, EDX, ECX.
     let r = core::arch::x86_64::__cpuid(0);
     (r.ebx, r.edx, r.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163) // "AuthenticAMD"
 }
 #[cfg(not(target_arch = "x86_64"))]
-fn bf16_dot_is_fast() -> bool {
+pub(crate) fn bf16_dot_is_fast() -> bool {
     false
 }
 

@@ -23,12 +23,18 @@
 //! caller passes packing scratch sized by [`gemm_scratch_len`] to the `*_in` functions.
 #![cfg_attr(not(feature = "std"), no_std)]
 
+#[cfg(feature = "std")]
+mod backend;
 mod detect;
 mod error;
 pub mod gemm;
 #[cfg(feature = "std")]
+mod ops;
+#[cfg(feature = "std")]
 mod threads;
 
+#[cfg(feature = "std")]
+pub use backend::SimdBackend;
 #[cfg(feature = "std")]
 pub use detect::available_kernels;
 pub use detect::{detect, detect_from, Kernel, KernelId, KERNEL_ENV};

@@ -48,6 +48,7 @@ impl AdamW {
 
     /// Update `t` (1-based).
     pub fn step<B: Backend>(&self, be: &mut B, p: &ParamBufs, t: u64, grad_scale: f32) -> Result<()> {
+        self.validate()?;
         let t = t.max(1) as f64;
         let bc1 = 1.0 - libm::pow(self.beta1 as f64, t);
         let bc2 = 1.0 - libm::pow(self.beta2 as f64, t);

@@ -43,6 +43,7 @@ impl Sgd {
     }
 
     pub fn step<B: Backend>(&self, be: &mut B, p: &ParamBufs, grad_scale: f32) -> Result<()> {
+        self.validate()?;
         be.sgd_step(
             p,
             &SgdStep {

@@ -326,7 +326,7 @@ pub(crate) unsafe fn run_one<TA: Elem, TB: Elem, TC: Elem>(kernel: Kernel, t: &T
 /// # Safety
 /// `t` valid as for [`gemm_f32`].
 #[cfg(feature = "std")]
-unsafe fn run<TA: Elem, TB: Elem, TC: Elem>(kernel: Kernel, threads: usize, t: &Task<TA, TB, TC>) {
+pub(crate) unsafe fn run<TA: Elem, TB: Elem, TC: Elem>(kernel: Kernel, threads: usize, t: &Task<TA, TB, TC>) {
     if t.m == 0 || t.n == 0 {
         return;
     }
