@@ -56,6 +56,10 @@ struct Args {
     /// Write a checkpoint (safetensors) here at the end.
     #[arg(long, value_name = "PATH")]
     save: Option<PathBuf>,
+    /// Resume from a checkpoint written by --save: restores weights, optimizer state, loss scale and counters,
+    /// then trains --epochs more epochs (the learning-rate schedule starts over).
+    #[arg(long, value_name = "PATH")]
+    resume: Option<PathBuf>,
     /// Shift each training digit by up to this many pixels (random per sample and epoch); 0 turns it off.
     #[arg(long, default_value_t = 1)]
     shift: usize,
@@ -133,6 +137,16 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let backend = AnyBackend::open(kind, arena.as_mut_slice())?;
     let config = TrainConfig::new(args.batch, policy).seed(args.seed);
     let mut trainer = Trainer::new(backend, model, policy, optimizer, config)?;
+    if let Some(path) = &args.resume {
+        mantissa::checkpoint::load_file(&mut trainer, path)?;
+        println!(
+            "resumed from {}: {} updates, {} skipped, loss scale {}",
+            path.display(),
+            trainer.updates(),
+            trainer.skipped(),
+            trainer.loss_scale().scale()
+        );
+    }
 
     let pixels = train.pixels();
     let test_x = to_f32(&test, (0..test.len()).collect::<Vec<_>>().as_slice());
@@ -236,6 +250,7 @@ fn to_f32(set: &Mnist, idx: &[usize]) -> Vec<f32> {
     out
 }
 
-fn save_checkpoint<B: Backend>(_trainer: &mut Trainer<B>, _path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
-    Err("checkpoints are not available yet".into())
+fn save_checkpoint<B: Backend>(trainer: &mut Trainer<B>, path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    mantissa::checkpoint::save_file(trainer, path)?;
+    Ok(())
 }

@@ -8,6 +8,7 @@
 //! - Outputs never overlap inputs unless an op says it works in place.
 
 use crate::arena::Buf;
+use crate::dtype::DType;
 use crate::error::Result;
 
 /// What a backend does natively. [`crate::policy::Policy::auto`] chooses from this.
@@ -320,6 +321,30 @@ pub trait Backend {
 
     /// Fused AdamW update of `p.master`, both moments and the working copy.
     fn adamw_step(&mut self, p: &ParamBufs, s: &AdamWStep) -> Result<()>;
+
+    /// Counts the values of `src` that are non-zero but become zero when stored in `dtype` (they lie below
+    /// half of `dtype`'s smallest subnormal). Returns `(flushed, non_zero)`. This makes f16 underflow
+    /// visible; the provided version reads `src` back in small chunks, which is cheap for the loss gradients
+    /// it is used on.
+    fn count_underflow(&mut self, src: Buf, dtype: DType) -> Result<(usize, usize)> {
+        let (mut flushed, mut non_zero) = (0, 0);
+        let mut chunk = [0.0f32; 256];
+        let mut done = 0;
+        while done < src.len {
+            let n = chunk.len().min(src.len - done);
+            self.download(src.slice(done, n), &mut chunk[..n])?;
+            for &v in &chunk[..n] {
+                if v != 0.0 {
+                    non_zero += 1;
+                    if dtype.round(v) == 0.0 {
+                        flushed += 1;
+                    }
+                }
+            }
+            done += n;
+        }
+        Ok((flushed, non_zero))
+    }
 
     /// Waits for queued work to finish (a no-op on synchronous backends).
     fn synchronize(&mut self) -> Result<()> {

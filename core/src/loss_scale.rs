@@ -198,3 +198,51 @@ impl DynamicLossScale {
         }
     }
 }
+
+/// Loss scaling for custom training loops, like Keras' `LossScaleOptimizer` and PyTorch's `GradScaler`:
+///
+/// ```
+/// # use mantissa_core::*;
+/// # use mantissa_core::loss_scale::GradScaler;
+/// # let model = Model::sequential(Shape::flat(3)).linear(2).build()?;
+/// # let mut buf = [0u8; 4096];
+/// # let policy = Policy::MIXED_FLOAT16;
+/// # let mut trainer = Trainer::new(Reference::new(&mut buf), model, policy, Sgd::new(0.1), TrainConfig::new(2, policy))?;
+/// # let (x, labels) = ([0.1f32; 6], [0u32, 1]);
+/// let mut scaler = GradScaler::new(LossScale::Dynamic(DynamicLossScale::pytorch()));
+/// for _ in 0..3 {
+///     let loss = trainer.forward_backward(&x, &labels, scaler.scale())?; // backward of loss * S
+///     let step = scaler.step(&mut trainer)?;                             // unscale, check, step or skip
+///     assert!(loss.is_finite() && step.applied);
+/// }
+/// # Ok::<(), mantissa_core::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradScaler {
+    pub loss_scale: LossScale,
+}
+
+impl GradScaler {
+    pub fn new(loss_scale: LossScale) -> Self {
+        GradScaler { loss_scale }
+    }
+
+    /// The factor to multiply the loss by (pass it to `Trainer::forward_backward`).
+    pub fn scale(&self) -> f32 {
+        self.loss_scale.scale()
+    }
+
+    /// Unscales and checks the gradients, applies the optimizer or skips the step, and adapts the scale.
+    pub fn step<B: crate::backend::Backend>(
+        &mut self,
+        trainer: &mut crate::trainer::Trainer<B>,
+    ) -> Result<crate::trainer::Applied> {
+        let scale = self.scale();
+        let mut applied = trainer.apply_gradients(scale)?;
+        // The update already ran (or not) on finiteness alone; hysteresis can only make a dynamic scale keep
+        // its value, and every mode skips a non-finite step, so the two decisions agree.
+        let keep = self.loss_scale.update(applied.finite);
+        applied.applied &= keep;
+        Ok(applied)
+    }
+}

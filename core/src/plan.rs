@@ -201,6 +201,9 @@ pub(crate) struct StepBufs {
     pub grad_b: Buf,
     /// Shared layer scratch (im2col columns).
     pub scratch: Buf,
+    /// The loss gradient in f32 before it is cast to the compute dtype (mixed policies only; under float32
+    /// the loss head writes straight into `grad_a`). Lets the trainer count what the cast flushes to zero.
+    pub dlogits: Buf,
     pub scratch_bytes: usize,
 }
 
@@ -229,6 +232,7 @@ pub(crate) fn alloc_step(arena: &mut Arena, model: &Model, policy: Policy, batch
     let grad_a = arena.alloc(c, batch * widest)?;
     let grad_b = arena.alloc(c, batch * widest)?;
     let scratch = arena.alloc(c, batch * scratch_len)?;
+    let dlogits = if policy.is_mixed() { arena.alloc(DType::F32, batch * model.classes())? } else { Buf::EMPTY };
     let scratch_bytes = arena.used() - before;
-    Ok(StepBufs { input, labels, acts, aux, loss, grad_a, grad_b, scratch, scratch_bytes })
+    Ok(StepBufs { input, labels, acts, aux, loss, grad_a, grad_b, scratch, dlogits, scratch_bytes })
 }

@@ -33,6 +33,9 @@ pub struct TrainConfig {
     pub clip_norm: Option<f32>,
     /// Seeds the weight initialisation.
     pub seed: u64,
+    /// The objective is `loss_weight * cross-entropy` (an auxiliary loss's weight, say); reports give the
+    /// unweighted cross-entropy. Gradients scale with it, so a small weight shows f16 underflow.
+    pub loss_weight: f32,
 }
 
 impl TrainConfig {
@@ -43,7 +46,7 @@ impl TrainConfig {
             crate::dtype::DType::F16 => LossScale::Dynamic(DynamicLossScale::tensorflow()),
             _ => LossScale::None,
         };
-        TrainConfig { batch, loss_scale, clip_norm: None, seed: 0 }
+        TrainConfig { batch, loss_scale, clip_norm: None, seed: 0, loss_weight: 1.0 }
     }
 
     pub fn loss_scale(mut self, s: LossScale) -> Self {
@@ -58,6 +61,11 @@ impl TrainConfig {
 
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
+        self
+    }
+
+    pub fn loss_weight(mut self, w: f32) -> Self {
+        self.loss_weight = w;
         self
     }
 }
@@ -78,6 +86,22 @@ pub struct StepReport {
     pub rows: usize,
     /// Steps skipped so far, this one included.
     pub skipped_total: u64,
+    /// Fraction of the non-zero loss gradients (f32, times the loss scale) that flushed to zero when cast to
+    /// the compute dtype: f16 underflow made visible. 0 under float32.
+    pub underflow: f32,
+}
+
+/// What [`Trainer::apply_gradients`] did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Applied {
+    /// Whether the optimizer ran.
+    pub applied: bool,
+    /// Whether every gradient was finite.
+    pub finite: bool,
+    /// Global L2 norm of the unscaled gradients before clipping (NaN when not finite).
+    pub grad_norm: f32,
+    /// How many gradient values were NaN or infinite.
+    pub non_finite: usize,
 }
 
 /// Loss and accuracy over a data set.
@@ -139,6 +163,9 @@ impl<B: Backend> Trainer<B> {
         if let LossScale::Dynamic(d) = config.loss_scale {
             d.config.validate()?;
         }
+        if !(config.loss_weight.is_finite() && config.loss_weight > 0.0) {
+            return Err(Error::InvalidConfig("loss weight must be finite and > 0"));
+        }
         let plan = MemoryPlan::new(&model, policy, &optimizer, config.batch)?;
         if plan.total > backend.capacity() {
             return Err(Error::OutOfMemory { needed: plan.total, available: backend.capacity() });
@@ -187,14 +214,42 @@ impl<B: Backend> Trainer<B> {
 
     fn step_inner(&mut self, s: &StepBufs, x: &[f32], labels: &[u32], rows: usize) -> Result<StepReport> {
         let scale = self.config.loss_scale.scale();
-        let (loss, correct) = self.forward_backward_inner(s, x, labels, rows, scale)?;
+        let (loss, correct, underflow) = self.forward_backward_inner(s, x, labels, rows, scale)?;
+        let mut loss_scale = self.config.loss_scale;
+        let applied = self.apply_gradients_with(scale, |finite| loss_scale.update(finite))?;
+        self.config.loss_scale = loss_scale;
+        Ok(StepReport {
+            loss,
+            loss_scale: scale,
+            skipped: !applied.applied,
+            grad_norm: applied.grad_norm,
+            correct,
+            rows,
+            skipped_total: self.skipped,
+            underflow,
+        })
+    }
+
+    /// The second half of a step, for custom loops (see [`crate::loss_scale::GradScaler`]): unscales the
+    /// gradients left by [`Trainer::forward_backward`] (computed with loss scale `scale`), checks them, clips
+    /// them if configured, and applies the optimizer if they are all finite. Skipped steps change nothing.
+    /// The trainer's own loss scale is not touched.
+    pub fn apply_gradients(&mut self, scale: f32) -> Result<Applied> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::InvalidConfig("loss scale must be finite and > 0"));
+        }
+        self.apply_gradients_with(scale, |finite| finite)
+    }
+
+    /// `decide(finite)` says whether to apply the update (a dynamic loss scale also adapts itself there).
+    fn apply_gradients_with(&mut self, scale: f32, decide: impl FnOnce(bool) -> bool) -> Result<Applied> {
         let inv_scale = 1.0 / scale;
         let stats = self.backend.grad_stats(self.params.grad, inv_scale)?;
         let finite = stats.non_finite == 0;
         let grad_norm = if finite { libm::sqrt(stats.sum_sq) as f32 } else { f32::NAN };
-        let mut loss_scale = self.config.loss_scale;
-        let apply = loss_scale.update(finite);
+        let apply = decide(finite);
         if apply {
+            // Clipping by global norm, after unscaling (folded into the optimizer's gradient multiplier).
             let clip = match self.config.clip_norm {
                 Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
                 _ => 1.0,
@@ -208,16 +263,7 @@ impl<B: Backend> Trainer<B> {
         } else {
             self.skipped += 1;
         }
-        self.config.loss_scale = loss_scale;
-        Ok(StepReport {
-            loss,
-            loss_scale: scale,
-            skipped: !apply,
-            grad_norm,
-            correct,
-            rows,
-            skipped_total: self.skipped,
-        })
+        Ok(Applied { applied: apply, finite, grad_norm, non_finite: stats.non_finite })
     }
 
     /// Forward and backward without an update: leaves `grad * scale` in the gradient buffer and returns the
@@ -225,7 +271,7 @@ impl<B: Backend> Trainer<B> {
     pub fn forward_backward(&mut self, x: &[f32], labels: &[u32], scale: f32) -> Result<f32> {
         let rows = self.check_batch(x, labels.len())?;
         let bufs = alloc_step(&mut self.arena, &self.model, self.policy, self.config.batch)?;
-        let result = self.forward_backward_inner(&bufs, x, labels, rows, scale).map(|(loss, _)| loss);
+        let result = self.forward_backward_inner(&bufs, x, labels, rows, scale).map(|(loss, _, _)| loss);
         self.arena.release(self.base);
         result
     }
@@ -252,14 +298,26 @@ impl<B: Backend> Trainer<B> {
         labels: &[u32],
         rows: usize,
         scale: f32,
-    ) -> Result<(f32, usize)> {
+    ) -> Result<(f32, usize, f32)> {
         self.upload_batch(s, x, labels, rows)?;
         let logits = self.forward(s, rows)?;
         // The loss head writes dlogits into the ping-pong buffer that feeds the last layer's backward.
         let n = self.model.layers().len();
         let mut dy = s.grad_a;
-        self.model.loss().forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, dy, scale)?;
         let classes = self.model.classes();
+        let g = scale * self.config.loss_weight;
+        let mut underflow = 0.0;
+        if s.dlogits.len > 0 {
+            // Mixed: the loss gradient is computed in f32, then cast to the compute dtype, where values below
+            // half the smallest subnormal flush to zero. Count them.
+            let d32 = s.dlogits.prefix(rows * classes);
+            self.model.loss().forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, d32, g)?;
+            let (flushed, non_zero) = self.backend.count_underflow(d32, self.policy.compute)?;
+            underflow = if non_zero > 0 { flushed as f32 / non_zero as f32 } else { 0.0 };
+            self.backend.cast(d32, dy.prefix(rows * classes))?;
+        } else {
+            self.model.loss().forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, dy, g)?;
+        }
         if self.check_numerics {
             check_finite(&mut self.backend, s.loss, [1, 1], None, "loss", "loss value", Phase::Forward)?;
             check_finite(&mut self.backend, dy.prefix(rows * classes), [rows, classes], None, "loss", "logits gradient", Phase::Backward)?;
@@ -298,7 +356,7 @@ impl<B: Backend> Trainer<B> {
         }
         let mut loss = [0.0f32];
         self.backend.download(s.loss, &mut loss)?;
-        Ok((loss[0], correct))
+        Ok((loss[0], correct, underflow))
     }
 
     /// Runs the layers forward over `rows` samples already uploaded to `s.input`; returns the logits.

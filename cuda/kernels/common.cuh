@@ -1,0 +1,101 @@
+// Shared by every kernel file (prepended to each before NVRTC compiles it).
+//
+// Storage types: 16-bit floats are carried as their raw bits, and converted with the PTX `cvt` instructions
+// the CUDA headers use, so NVRTC needs no toolkit headers (cuda_fp16.h / cuda_bf16.h) at run time: a machine
+// with only the driver and libnvrtc runs the backend. Loads widen exactly; stores round to nearest even, as
+// the reference backend does (mantissa_core::dtype).
+//
+// Kernels are compiled with --fmad=false, IEEE division and square root: element-wise results then match the
+// scalar reference bit for bit except where a math-library function (expf, logf, tanhf) differs by an ulp.
+
+typedef unsigned long long u64;
+typedef long long i64;
+
+struct f16 {
+    unsigned short bits;
+};
+struct bf16 {
+    unsigned short bits;
+};
+
+__device__ __forceinline__ float ld(const float* p, u64 i) { return p[i]; }
+__device__ __forceinline__ float ld(const f16* p, u64 i) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i].bits));
+    return f;
+}
+__device__ __forceinline__ float ld(const bf16* p, u64 i) { return __uint_as_float(((unsigned)p[i].bits) << 16); }
+
+__device__ __forceinline__ unsigned short f32_to_f16_bits(float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+__device__ __forceinline__ unsigned short f32_to_bf16_bits(float v) {
+#if __CUDA_ARCH__ >= 800
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+#else
+    unsigned u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+#endif
+}
+
+__device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(f16* p, u64 i, float v) { p[i].bits = f32_to_f16_bits(v); }
+__device__ __forceinline__ void st(bf16* p, u64 i, float v) { p[i].bits = f32_to_bf16_bits(v); }
+
+// `v` after a round trip through storage type T (for sums the reference stores after every addition).
+__device__ __forceinline__ float rnd(const float*, float v) { return v; }
+__device__ __forceinline__ float rnd(const f16*, float v) {
+    float f;
+    unsigned short h = f32_to_f16_bits(v);
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ float rnd(const bf16*, float v) {
+    return __uint_as_float(((unsigned)f32_to_bf16_bits(v)) << 16);
+}
+
+// Grid-stride loops over 64-bit element counts.
+__device__ __forceinline__ u64 gtid() { return (u64)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ u64 gstride() { return (u64)gridDim.x * blockDim.x; }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over a block of at most 1024 threads (a multiple of 32); the result is valid in thread 0.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float part[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    v = (threadIdx.x < warps) ? part[threadIdx.x] : 0.0f;
+    if (warp == 0) v = warp_sum(v);
+    __syncthreads();
+    return v;
+}
+
+// Instantiation lists: X(name, type) for each float storage type, and each (source, destination) pair.
+#define FOR_FLOAT(X) X(f32, float) X(f16, f16) X(bf16, bf16)
+#define FOR_FLOAT_PAIR(X)                                                                                    \
+    X(f32, float, f32, float)                                                                                \
+    X(f32, float, f16, f16)                                                                                  \
+    X(f32, float, bf16, bf16)                                                                                \
+    X(f16, f16, f32, float)                                                                                  \
+    X(f16, f16, f16, f16)                                                                                    \
+    X(f16, f16, bf16, bf16)                                                                                  \
+    X(bf16, bf16, f32, float)                                                                                \
+    X(bf16, bf16, f16, f16)                                                                                  \
+    X(bf16, bf16, bf16, bf16)

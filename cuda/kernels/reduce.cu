@@ -1,0 +1,102 @@
+// Reductions: the bias gradient and the gradient statistics. Both are two-pass with a fixed launch shape, so
+// results are deterministic (no atomics); partial sums live in the backend's scratch, outside the arena.
+
+// bias_grad, inner == 1 (Linear): dy: [outer, channels]. Column sums of channels c0..c0+cc over the rows
+// of split blockIdx.y. Block (32, 8): 32 adjacent columns per block keep the loads coalesced.
+// partial: [splits, cc] f32.
+template <typename Y>
+__device__ void bias_grad_rows_impl(const Y* dy, float* partial, u64 outer, u64 channels, u64 c0, u64 cc,
+                                    u64 rows_per_split) {
+    __shared__ float sh[8][33];
+    const u64 c = c0 + (u64)blockIdx.x * 32 + threadIdx.x;
+    const u64 r0 = (u64)blockIdx.y * rows_per_split;
+    const u64 r1 = min(r0 + rows_per_split, outer);
+    float acc = 0.0f;
+    if (c < c0 + cc)
+        for (u64 r = r0 + threadIdx.y; r < r1; r += 8) acc += ld(dy, r * channels + c);
+    sh[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < c0 + cc) {
+        float s = 0.0f;
+        for (int t = 0; t < 8; t++) s += sh[t][threadIdx.x];
+        partial[(u64)blockIdx.y * cc + (c - c0)] = s;
+    }
+}
+
+// bias_grad, inner > 1 (Conv2d): dy: [outer, channels, inner]. One block per (channel c0 + blockIdx.x, split
+// of outer): each (o, c) row of `inner` values is contiguous. Block of 256 threads.
+template <typename Y>
+__device__ void bias_grad_inner_impl(const Y* dy, float* partial, u64 outer, u64 channels, u64 inner, u64 c0,
+                                     u64 cc, u64 outer_per_split) {
+    const u64 c = c0 + blockIdx.x;
+    const u64 o0 = (u64)blockIdx.y * outer_per_split;
+    const u64 o1 = min(o0 + outer_per_split, outer);
+    const u64 cnt = o1 > o0 ? (o1 - o0) * inner : 0;
+    float acc = 0.0f;
+    for (u64 j = threadIdx.x; j < cnt; j += blockDim.x) {
+        const u64 o = o0 + j / inner, i = j % inner;
+        acc += ld(dy, (o * channels + c) * inner + i);
+    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) partial[(u64)blockIdx.y * cc + blockIdx.x] = acc;
+}
+
+// dbias[c0 + c] = sum over splits of partial[s, c], in split order.
+template <typename B>
+__device__ void bias_grad_finish_impl(const float* partial, B* dbias, u64 c0, u64 cc, u64 splits) {
+    for (u64 c = gtid(); c < cc; c += gstride()) {
+        float acc = 0.0f;
+        for (u64 s = 0; s < splits; s++) acc += partial[s * cc + c];
+        st(dbias, c0 + c, acc);
+    }
+}
+
+// Per block: the count of non-finite grad[i] * scale and the f64 sum of their squares (finite ones only).
+// Block of 256 threads; the host adds the per-block results.
+template <typename G>
+__device__ void grad_stats_impl(const G* grad, u64 n, float scale, double* sums, u64* counts) {
+    __shared__ double sh_sum[256];
+    __shared__ u64 sh_cnt[256];
+    double s = 0.0;
+    u64 bad = 0;
+    for (u64 i = gtid(); i < n; i += gstride()) {
+        const float v = ld(grad, i) * scale;
+        if (isfinite(v)) {
+            s += (double)v * (double)v;
+        } else {
+            bad++;
+        }
+    }
+    sh_sum[threadIdx.x] = s;
+    sh_cnt[threadIdx.x] = bad;
+    __syncthreads();
+    for (unsigned half = blockDim.x / 2; half > 0; half >>= 1) {
+        if (threadIdx.x < half) {
+            sh_sum[threadIdx.x] += sh_sum[threadIdx.x + half];
+            sh_cnt[threadIdx.x] += sh_cnt[threadIdx.x + half];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        sums[blockIdx.x] = sh_sum[0];
+        counts[blockIdx.x] = sh_cnt[0];
+    }
+}
+
+#define REDUCE(yn, Y)                                                                                        \
+    extern "C" __global__ void bias_grad_rows_##yn(const Y* dy, float* partial, u64 outer, u64 channels,    \
+                                                   u64 c0, u64 cc, u64 rows_per_split) {                     \
+        bias_grad_rows_impl(dy, partial, outer, channels, c0, cc, rows_per_split);                           \
+    }                                                                                                        \
+    extern "C" __global__ void bias_grad_inner_##yn(const Y* dy, float* partial, u64 outer, u64 channels,   \
+                                                    u64 inner, u64 c0, u64 cc, u64 outer_per_split) {        \
+        bias_grad_inner_impl(dy, partial, outer, channels, inner, c0, cc, outer_per_split);                  \
+    }                                                                                                        \
+    extern "C" __global__ void bias_grad_finish_##yn(const float* partial, Y* dbias, u64 c0, u64 cc,         \
+                                                     u64 splits) {                                           \
+        bias_grad_finish_impl(partial, dbias, c0, cc, splits);                                               \
+    }                                                                                                        \
+    extern "C" __global__ void grad_stats_##yn(const Y* grad, u64 n, float scale, double* sums, u64* counts) {\
+        grad_stats_impl(grad, n, scale, sums, counts);                                                       \
+    }
+FOR_FLOAT(REDUCE)

@@ -1,0 +1,53 @@
+// Softmax cross-entropy, forward and backward fused, computed in f32 whatever the storage types.
+// logits: [rows, classes] (L), labels: [rows] i32 -> dlogits: [rows, classes] (D) = (softmax - onehot) * g,
+// g = grad_scale / rows; loss = mean over rows of (logsumexp(row) - row[label]).
+//
+// One warp per row (grid-stride over rows); each block writes the sum of its rows' losses to partial[block],
+// and softmax_xent_finish sums the partials in a fixed order (deterministic for a given launch shape).
+// A label outside 0..classes sets bad[0] = 1, bad[1] = label and leaves its row untouched; the host reports it.
+
+template <typename L, typename D>
+__device__ void softmax_xent_impl(const L* logits, const int* labels, u64 rows, u64 classes, D* dlogits, float g,
+                                  float* partial, int* bad) {
+    const unsigned lane = threadIdx.x & 31;
+    const u64 first = gtid() >> 5, warps = gstride() >> 5;
+    float local = 0.0f;  // lane 0: the losses of this warp's rows
+    for (u64 r = first; r < rows; r += warps) {
+        const int label = labels[r];
+        if (label < 0 || (u64)label >= classes) {
+            if (lane == 0 && atomicCAS(bad, 0, 1) == 0) bad[1] = label;
+            continue;
+        }
+        const u64 row = r * classes;
+        float m = -INFINITY;
+        for (u64 j = lane; j < classes; j += 32) m = fmaxf(m, ld(logits, row + j));
+        m = warp_max(m);
+        float s = 0.0f;
+        for (u64 j = lane; j < classes; j += 32) s += expf(ld(logits, row + j) - m);
+        s = warp_sum(s);
+        if (lane == 0) local += logf(s) + m - ld(logits, row + (u64)label);
+        for (u64 j = lane; j < classes; j += 32) {
+            const float p = expf(ld(logits, row + j) - m) / s;
+            const float onehot = j == (u64)label ? 1.0f : 0.0f;
+            st(dlogits, row + j, (p - onehot) * g);
+        }
+    }
+    const float total = block_sum(lane == 0 ? local : 0.0f);
+    if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+// loss[0] = inv_rows * sum of partial[0..parts]. One block.
+extern "C" __global__ void softmax_xent_finish(const float* partial, u64 parts, float inv_rows, float* loss) {
+    float v = 0.0f;
+    for (u64 i = threadIdx.x; i < parts; i += blockDim.x) v += partial[i];
+    v = block_sum(v);
+    if (threadIdx.x == 0) loss[0] = v * inv_rows;
+}
+
+#define SOFTMAX_XENT(ln, L, dn, D)                                                                           \
+    extern "C" __global__ void softmax_xent_##ln##_##dn(const L* logits, const int* labels, u64 rows,        \
+                                                        u64 classes, D* dlogits, float g, float* partial,    \
+                                                        int* bad) {                                          \
+        softmax_xent_impl(logits, labels, rows, classes, dlogits, g, partial, bad);                          \
+    }
+FOR_FLOAT_PAIR(SOFTMAX_XENT)
