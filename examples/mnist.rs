@@ -250,7 +250,10 @@ fn to_f32(set: &Mnist, idx: &[usize]) -> Vec<f32> {
     out
 }
 
-fn save_checkpoint<B: Backend>(trainer: &mut Trainer<B>, path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+fn save_checkpoint<B: Backend>(
+    trainer: &mut Trainer<B>,
+    path: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
     mantissa::checkpoint::save_file(trainer, path)?;
     Ok(())
 }

@@ -9,8 +9,8 @@ use mantissa::checkpoint::{checkpoint_len, fingerprint, load, load_file, save, s
 use mantissa::host::HostBuffer;
 use mantissa::rng::Rng;
 use mantissa::{
-    AdamW, Backend, DynamicConfig, DynamicLossScale, Error, LossScale, MemoryPlan, Model, Optimizer, Policy,
-    Reference, Sgd, Shape, TrainConfig, Trainer,
+    AdamW, Backend, DynamicConfig, DynamicLossScale, Error, LossScale, MemoryPlan, Model, Optimizer, Policy, Reference,
+    Sgd, Shape, TrainConfig, Trainer,
 };
 use safetensors::{Dtype, SafeTensors};
 
@@ -67,7 +67,14 @@ fn mlp(input: usize, hidden: usize, classes: usize) -> Model {
 
 /// Conv2d -> ReLU -> MaxPool2d -> Flatten -> Linear: 4-D weights and parameter-free layers between.
 fn cnn() -> Model {
-    Model::sequential(Shape::image(1, 6, 6)).conv2d(2, 3, 1, 1).relu().maxpool2d(2, 2).flatten().linear(3).build().unwrap()
+    Model::sequential(Shape::image(1, 6, 6))
+        .conv2d(2, 3, 1, 1)
+        .relu()
+        .maxpool2d(2, 2)
+        .flatten()
+        .linear(3)
+        .build()
+        .unwrap()
 }
 
 fn adamw() -> Optimizer {
@@ -81,7 +88,8 @@ fn sgd_momentum() -> Optimizer {
 /// Dynamic scaling that overflows f16 at first (2^20 / 8 rows > 65504), tolerates one overflow (hysteresis 2)
 /// and grows every 3 good steps, so a short run skips, backs off and grows.
 fn eventful_dynamic() -> LossScale {
-    let config = DynamicConfig { hysteresis: 2, ..DynamicConfig::pytorch() }.initial_scale(1048576.0).growth_interval(3);
+    let config =
+        DynamicConfig { hysteresis: 2, ..DynamicConfig::pytorch() }.initial_scale(1048576.0).growth_interval(3);
     LossScale::Dynamic(DynamicLossScale::new(config).unwrap())
 }
 
@@ -179,7 +187,8 @@ fn readable(case: &Case) {
                 let v = st.tensor(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
                 assert_eq!(v.dtype(), Dtype::F32, "{name}");
                 assert_eq!(v.shape(), &shape[..], "{name}");
-                let got: Vec<f32> = v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+                let got: Vec<f32> =
+                    v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
                 assert_eq!(bits(&got), bits(&want[off..off + len]), "{name} values");
                 expected.insert(name);
             };
@@ -292,7 +301,11 @@ fn resume_is_bit_exact_under_every_policy_and_optimizer() {
         resumes_bit_for_bit(&f16, 5, 8);
         resumes_bit_for_bit(&f16, 2, 8);
     }
-    resumes_bit_for_bit(&Case::new(cnn(), Policy::MIXED_FLOAT16, adamw()).loss_scale(LossScale::fixed(128.0).unwrap()), 4, 4);
+    resumes_bit_for_bit(
+        &Case::new(cnn(), Policy::MIXED_FLOAT16, adamw()).loss_scale(LossScale::fixed(128.0).unwrap()),
+        4,
+        4,
+    );
     resumes_bit_for_bit(&Case::new(cnn(), Policy::FLOAT32, sgd_momentum()), 4, 4);
 }
 
@@ -454,7 +467,9 @@ fn corrupt_headers_are_refused() {
     refused(&mut s, &overlapped, "overlap");
 
     // Escapes are decoded: the same names and values spelled with escapes still load.
-    let escaped = with_header(&bytes, |h| h.replacen("\"0.weight\"", "\"0\\u002eweight\"", 1).replacen("mantissa", "m\\u0061ntissa", 1));
+    let escaped = with_header(&bytes, |h| {
+        h.replacen("\"0.weight\"", "\"0\\u002eweight\"", 1).replacen("mantissa", "m\\u0061ntissa", 1)
+    });
     load(&mut t, &escaped).unwrap();
     assert!(checkpoint(&mut t) == bytes);
 }
@@ -470,7 +485,11 @@ fn foreign_checkpoints_are_refused() {
     let mut t = other.trainer(&mut arena2, 1);
     refused(&mut t, &bytes, "another model");
 
-    let deeper = Case::new(Model::sequential(Shape::flat(12)).linear(16).relu().linear(4).relu().linear(4).build().unwrap(), Policy::FLOAT32, adamw());
+    let deeper = Case::new(
+        Model::sequential(Shape::flat(12)).linear(16).relu().linear(4).relu().linear(4).build().unwrap(),
+        Policy::FLOAT32,
+        adamw(),
+    );
     let mut arena3 = deeper.arena();
     let mut t = deeper.trainer(&mut arena3, 1);
     refused(&mut t, &bytes, "another model");

@@ -3,28 +3,13 @@
 //! mixed policy within 0.5 percentage points of float32 (same seed), CNN >= 0.975; bad input exits non-zero
 //! with a clear message.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
-/// `target/<profile>/examples/mnist`, built by `cargo test` (which builds every example).
-fn mnist_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let bin = profile_dir.join("examples").join(format!("mnist{}", std::env::consts::EXE_SUFFIX));
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--example", "mnist"]).current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        assert!(cmd.status().expect("run cargo build").success(), "building examples/mnist failed");
-    }
-    bin
-}
+mod common;
 
 fn run(args: &[&str]) -> Output {
-    Command::new(mnist_bin()).args(args).output().expect("run examples/mnist")
+    common::run_example("mnist", args)
 }
 
 /// The fields of the final `result:` line.
@@ -33,18 +18,10 @@ fn result_line(out: &Output) -> Vec<(String, String)> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "mnist failed ({:?}):\n{stdout}\n{stderr}", out.status);
     let line = stdout.lines().rfind(|l| l.starts_with("result: ")).unwrap_or_else(|| panic!("no result line:\n{stdout}"));
-    line["result: ".len()..]
-        .split_whitespace()
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').expect("key=value");
-            (k.to_string(), v.to_string())
-        })
-        .collect()
+    common::fields(line, "result: ")
 }
 
-fn field<'a>(fields: &'a [(String, String)], key: &str) -> &'a str {
-    &fields.iter().find(|(k, _)| k == key).unwrap_or_else(|| panic!("no {key} in {fields:?}")).1
-}
+use common::field;
 
 fn accuracy(args: &[&str]) -> (f64, Vec<(String, String)>) {
     let fields = result_line(&run(args));

@@ -44,8 +44,7 @@
 //!   leaving gaps, a non-finite or inconsistent loss scale. Each is an [`Error::Checkpoint`] saying which.
 //! - It checks everything before writing anything: after an error the trainer is as it was.
 //!
-//! Stack use: [`load`] keeps one small record per tensor on the stack (at most `6 * MAX_LAYERS`), about
-//! 4.6 KiB on a 64-bit target and 2.3 KiB on a 32-bit one.
+//! Stack use: [`load`] keeps a 24-byte record for each possible tensor (`6 * MAX_LAYERS` of them), 4.6 KiB.
 
 use core::fmt::{self, Display, Write};
 
@@ -121,6 +120,8 @@ pub fn load<B: Backend>(trainer: &mut Trainer<B>, bytes: &[u8]) -> Result<()> {
     // Everything is checked: from here on only the backend can fail.
     let p = *trainer.params();
     for i in 0..count {
+        // The layout borrows the trainer, which the upload needs mutably: look each tensor up afresh (at most
+        // 192 tensors, so the quadratic walk costs nothing next to the copy).
         let spec = Layout::new(trainer.model(), trainer.optimizer()).tensors().nth(i);
         let (Some(spec), Some(entry)) = (spec, parsed.slots[i]) else {
             return Err(Error::Checkpoint("internal error: the tensor list changed during load"));
@@ -159,7 +160,11 @@ impl Display for Fingerprint<'_> {
                 Layer::Linear(l) => write!(f, "Linear({},{})", l.in_features, l.out_features)?,
                 Layer::Conv2d(l) => {
                     let g = &l.geom;
-                    write!(f, "Conv2d({},{},k={},s={},p={})", g.channels, l.out_channels, g.kernel, g.stride, g.padding)?
+                    write!(
+                        f,
+                        "Conv2d({},{},k={},s={},p={})",
+                        g.channels, l.out_channels, g.kernel, g.stride, g.padding
+                    )?
                 }
                 Layer::MaxPool2d(l) => write!(f, "MaxPool2d(k={},s={})", l.geom.kernel, l.geom.stride)?,
                 Layer::Relu(_) | Layer::Gelu(_) | Layer::Flatten(_) => f.write_str(layer.kind())?,
@@ -206,8 +211,12 @@ impl<'m> Layout<'m> {
         })
     }
 
-    /// Bytes of tensor data.
+    /// Bytes of tensor data: each part is one flat vector of `param_len` f32s, which its tensors tile.
     fn data_len(self) -> usize {
+        debug_assert_eq!(
+            self.tensors().map(|t| t.bytes()).sum::<usize>(),
+            self.model.param_len() * 4 * (1 + self.n_states)
+        );
         self.model.param_len() * 4 * (1 + self.n_states)
     }
 }
@@ -325,7 +334,10 @@ enum K {
 const KEYS: [Key; 19] = [
     key!("format", "not a mantissa checkpoint: metadata \"format\" is not \"mantissa\""),
     key!("format_version", "unsupported checkpoint format_version: this build reads version 1"),
-    key!("model", "checkpoint is of another model: its architecture fingerprint (\"model\") differs from the trainer's"),
+    key!(
+        "model",
+        "checkpoint is of another model: its architecture fingerprint (\"model\") differs from the trainer's"
+    ),
     key!("policy", "checkpoint metadata \"policy\" is not float32, mixed_float16 or mixed_bfloat16"),
     key!("optimizer", "checkpoint was saved with another optimizer than the trainer's: its state does not apply"),
     key!("optimizer.lr", "checkpoint learning rate (\"optimizer.lr\") is not a finite number > 0"),
@@ -731,7 +743,9 @@ fn loss_scale<'a>(meta: &dyn Fn(K) -> Result<JStr<'a>>, invalid: &dyn Fn(K) -> E
             min_scale: f(K::MinScale)?,
         };
         config.validate().map_err(|_| {
-            Error::Checkpoint("checkpoint dynamic loss-scale configuration is out of range (factors, interval, minimum)")
+            Error::Checkpoint(
+                "checkpoint dynamic loss-scale configuration is out of range (factors, interval, minimum)",
+            )
         })?;
         let scale = f(K::Scale)?;
         if !positive(scale) {
@@ -893,7 +907,9 @@ impl<'a> Json<'a> {
                     self.pos += 1;
                     return Ok(());
                 }
-                _ if close == b'}' => return Err(Error::Checkpoint("checkpoint header: expected ',' or '}' in an object")),
+                _ if close == b'}' => {
+                    return Err(Error::Checkpoint("checkpoint header: expected ',' or '}' in an object"))
+                }
                 _ => return Err(Error::Checkpoint("checkpoint header: expected ',' or ']' in an array")),
             }
         }
@@ -909,7 +925,9 @@ impl<'a> Json<'a> {
                 Some(b'"') => break,
                 Some(b'\\') => match b.get(self.pos + 1) {
                     Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.pos += 2,
-                    Some(b'u') if b.get(self.pos + 2..self.pos + 6).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) => {
+                    Some(b'u')
+                        if b.get(self.pos + 2..self.pos + 6).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
+                    {
                         self.pos += 6
                     }
                     _ => return Err(Error::Checkpoint("checkpoint header: invalid escape in a string")),

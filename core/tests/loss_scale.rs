@@ -175,7 +175,8 @@ fn script(runs: &[(usize, usize)]) -> Vec<bool> {
 fn scripts() -> Vec<(&'static str, Vec<bool>)> {
     let mut rng = Rng::new(99);
     let random_sparse: Vec<bool> = (0..30_000).map(|_| rng.below(900) == 0).collect();
-    let random_bursty: Vec<bool> = (0..12_000).map(|i| if (i / 500) % 7 == 3 { rng.below(3) == 0 } else { rng.below(1500) == 0 }).collect();
+    let random_bursty: Vec<bool> =
+        (0..12_000).map(|i| if (i / 500) % 7 == 3 { rng.below(3) == 0 } else { rng.below(1500) == 0 }).collect();
     vec![
         ("5000 finite (growth twice or more)", script(&[(5000, 0)])),
         ("growth interval edges", script(&[(999, 1), (1000, 1), (1001, 1), (1999, 1), (2000, 1), (2001, 0)])),
@@ -277,7 +278,11 @@ fn custom_configs_follow_the_same_models() {
     replay("tensorflow interval 5", cfg, Keras { current_loss_scale: 4.0, growth_steps: 5, ..keras() }, &flags);
     // DeepSpeed's Python float grows without bound; keep its traces inside f32 with more overflows.
     let dense: Vec<bool> = (0..20_000).map(|_| rng.below(4) == 0).collect();
-    let cfg = DynamicConfig { hysteresis: 3, min_scale: 0.25, ..DynamicConfig::deepspeed().initial_scale(8.0).growth_interval(9) };
+    let cfg = DynamicConfig {
+        hysteresis: 3,
+        min_scale: 0.25,
+        ..DynamicConfig::deepspeed().initial_scale(8.0).growth_interval(9)
+    };
     let t = replay("deepspeed hysteresis 3", cfg, DeepSpeed::new(8.0, 9, 0.25, 3), &dense);
     assert!(distinct(&t) > 100 && t.contains(&0.25), "the trace exercises growth, back-off and the floor");
     let cfg = DynamicConfig::deepspeed().growth_interval(1);
@@ -326,7 +331,8 @@ fn invalid_dynamic_configs_are_errors() {
         assert!(matches!(r, Err(Error::InvalidConfig(_))), "Trainer::new accepted {cfg:?}");
         let mut mem = vec![0u8; 1 << 16];
         let tc = TrainConfig::new(2, Policy::MIXED_FLOAT16);
-        let mut t = Trainer::new(Reference::new(&mut mem), model.clone(), Policy::MIXED_FLOAT16, Sgd::new(0.1), tc).unwrap();
+        let mut t =
+            Trainer::new(Reference::new(&mut mem), model.clone(), Policy::MIXED_FLOAT16, Sgd::new(0.1), tc).unwrap();
         let before = *t.loss_scale();
         assert!(matches!(t.set_loss_scale(LossScale::Dynamic(state)), Err(Error::InvalidConfig(_))));
         assert_eq!(*t.loss_scale(), before, "a refused loss scale leaves the old one");

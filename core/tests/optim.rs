@@ -184,7 +184,13 @@ fn sgd_matches_torch_semantics_in_f64() {
                 if let Some(buf) = &r.buf {
                     let b = down(&mut be, f.p.state1);
                     for i in 0..N {
-                        assert!(close(b[i], buf[i]), "SGD {name} step {} momentum[{i}]: {} vs {:?}", t + 1, b[i], buf[i]);
+                        assert!(
+                            close(b[i], buf[i]),
+                            "SGD {name} step {} momentum[{i}]: {} vs {:?}",
+                            t + 1,
+                            b[i],
+                            buf[i]
+                        );
                     }
                 }
                 check_working(&mut be, &f.p, &format!("SGD {name} step {}", t + 1));
@@ -301,12 +307,24 @@ fn invalid_hyper_parameters_are_errors() {
     let model = Model::sequential(Shape::flat(4)).linear(3).build().unwrap();
     for o in &bad {
         let mut mem = AlignedBuf::new(1 << 20);
-        let r = Trainer::new(Reference::new(mem.bytes()), model.clone(), Policy::FLOAT32, *o, TrainConfig::new(2, Policy::FLOAT32));
+        let r = Trainer::new(
+            Reference::new(mem.bytes()),
+            model.clone(),
+            Policy::FLOAT32,
+            *o,
+            TrainConfig::new(2, Policy::FLOAT32),
+        );
         assert!(matches!(r, Err(Error::InvalidConfig(_))), "Trainer::new accepted {o:?}");
     }
     let mut mem = AlignedBuf::new(1 << 20);
-    let mut t = Trainer::new(Reference::new(mem.bytes()), model, Policy::FLOAT32, Sgd::new(0.1), TrainConfig::new(2, Policy::FLOAT32))
-        .unwrap();
+    let mut t = Trainer::new(
+        Reference::new(mem.bytes()),
+        model,
+        Policy::FLOAT32,
+        Sgd::new(0.1),
+        TrainConfig::new(2, Policy::FLOAT32),
+    )
+    .unwrap();
     for lr in [-0.1, 0.0, f32::NAN, f32::INFINITY] {
         assert!(matches!(t.set_lr(lr), Err(Error::InvalidConfig(_))), "set_lr({lr})");
         assert_eq!(t.optimizer().lr(), 0.1, "a refused set_lr keeps the old rate");

@@ -17,7 +17,14 @@ fn mlp() -> Model {
 }
 
 fn cnn() -> Model {
-    Model::sequential(Shape::image(2, 9, 8)).conv2d(4, 3, 1, 1).relu().maxpool2d(2, 2).flatten().linear(6).build().unwrap()
+    Model::sequential(Shape::image(2, 9, 8))
+        .conv2d(4, 3, 1, 1)
+        .relu()
+        .maxpool2d(2, 2)
+        .flatten()
+        .linear(6)
+        .build()
+        .unwrap()
 }
 
 fn optimizers() -> [Optimizer; 3] {
@@ -35,7 +42,12 @@ fn plan_parts_sum_to_total() {
             for opt in optimizers() {
                 for batch in [1, 3, 64] {
                     let p = MemoryPlan::new(&model, policy, &opt, batch).unwrap();
-                    assert_eq!(parts(&p).iter().sum::<usize>(), p.total, "{policy} {} batch {batch}: {p:?}", opt.name());
+                    assert_eq!(
+                        parts(&p).iter().sum::<usize>(),
+                        p.total,
+                        "{policy} {} batch {batch}: {p:?}",
+                        opt.name()
+                    );
                     assert_eq!(p.fixed(), p.master + p.working + p.gradients + p.optimizer);
                     assert_eq!((p.batch, p.params, p.policy), (batch, model.param_len(), policy));
                     // Sizes that follow from the definitions: the data, plus up to 63 bytes of alignment padding
@@ -102,7 +114,12 @@ fn mixed_policies_need_less_activation_memory_and_fit_larger_batches() {
             let f32_max = MemoryPlan::max_batch(&model, Policy::FLOAT32, &opt, capacity).unwrap();
             for policy in [Policy::MIXED_FLOAT16, Policy::MIXED_BFLOAT16] {
                 let p = MemoryPlan::new(&model, policy, &opt, 32).unwrap();
-                assert!(p.activations < f32_plan.activations, "{policy}: {} vs {}", p.activations, f32_plan.activations);
+                assert!(
+                    p.activations < f32_plan.activations,
+                    "{policy}: {} vs {}",
+                    p.activations,
+                    f32_plan.activations
+                );
                 assert!(p.scratch <= f32_plan.scratch);
                 let max = MemoryPlan::max_batch(&model, policy, &opt, capacity).unwrap();
                 assert!(max > f32_max, "{policy} max batch {max} vs float32 {f32_max}");
@@ -111,8 +128,15 @@ fn mixed_policies_need_less_activation_memory_and_fit_larger_batches() {
                 // max_batch is the exact boundary.
                 let b = MemoryPlan::max_batch(&model, policy, &opt, capacity).unwrap();
                 assert!(b >= 1);
-                assert!(MemoryPlan::new(&model, policy, &opt, b).unwrap().total <= capacity, "{policy}: plan({b}) fits");
-                assert!(MemoryPlan::new(&model, policy, &opt, b + 1).unwrap().total > capacity, "{policy}: plan({}) does not", b + 1);
+                assert!(
+                    MemoryPlan::new(&model, policy, &opt, b).unwrap().total <= capacity,
+                    "{policy}: plan({b}) fits"
+                );
+                assert!(
+                    MemoryPlan::new(&model, policy, &opt, b + 1).unwrap().total > capacity,
+                    "{policy}: plan({}) does not",
+                    b + 1
+                );
                 // Capacity exactly plan(b).total gives b; one byte less gives b - 1.
                 let exact = MemoryPlan::new(&model, policy, &opt, b).unwrap().total;
                 assert_eq!(MemoryPlan::max_batch(&model, policy, &opt, exact).unwrap(), b);
@@ -140,7 +164,10 @@ fn display_table_lists_every_part() {
         ("total", p.total),
     ];
     for (name, bytes) in rows {
-        let line = text.lines().find(|l| l.starts_with(&format!("| {name} "))).unwrap_or_else(|| panic!("no row {name:?}:\n{text}"));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} ")))
+            .unwrap_or_else(|| panic!("no row {name:?}:\n{text}"));
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
         assert_eq!(cells[2].replace(',', "").parse::<usize>().unwrap(), bytes, "row {name}: {line}");
         let mib: f64 = cells[3].parse().unwrap();
@@ -158,7 +185,9 @@ fn arena_high_water_is_flat_over_training() {
         let opt = Optimizer::from(AdamW::new(1e-3));
         let plan = MemoryPlan::new(&model, policy, &opt, batch).unwrap();
         let mut mem = AlignedBuf::new(plan.total + 4096);
-        let mut t = Trainer::new(Reference::new(mem.bytes()), model.clone(), policy, opt, TrainConfig::new(batch, policy)).unwrap();
+        let mut t =
+            Trainer::new(Reference::new(mem.bytes()), model.clone(), policy, opt, TrainConfig::new(batch, policy))
+                .unwrap();
         let base = t.arena().used();
         assert_eq!(base, plan.fixed(), "{policy}: persistent bytes");
         let mut rng = Rng::new(6);

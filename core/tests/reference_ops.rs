@@ -179,9 +179,12 @@ fn gemm_batched_strided_and_broadcast_match_f64() {
     for (m, n, k) in [(7, 5, 3), (9, 70, 11), (1, 1, 1)] {
         for (ta, tb) in TRANS {
             for (ad, cd) in [(DType::F32, DType::F32), (DType::BF16, DType::F32), (DType::F16, DType::F16)] {
-                for (batch, pad, bcast_a, bcast_b, beta) in
-                    [(3, 0, false, false, 0.0), (3, 2, false, false, 0.5), (4, 1, true, false, 0.0), (2, 3, false, true, 1.0)]
-                {
+                for (batch, pad, bcast_a, bcast_b, beta) in [
+                    (3, 0, false, false, 0.0),
+                    (3, 2, false, false, 0.5),
+                    (4, 1, true, false, 0.0),
+                    (2, 3, false, true, 1.0),
+                ] {
                     let case =
                         GemmCase { batch, pad, bcast_a, bcast_b, beta, ..GemmCase::dense(m, n, k, ta, tb, ad, cd) };
                     check_gemm(&mut be, case, &mut rng);
@@ -243,7 +246,10 @@ fn add_bias_and_bias_grad_match_f64() {
                     let c = idx / inner % channels;
                     let want = y0[idx] as f64 + bias[c] as f64;
                     let tol = U_F32 * want.abs() + store_err(yd, want);
-                    assert!((got[idx] as f64 - want).abs() <= tol, "add_bias {yd}/{bd} [{outer},{channels},{inner}] at {idx}");
+                    assert!(
+                        (got[idx] as f64 - want).abs() <= tol,
+                        "add_bias {yd}/{bd} [{outer},{channels},{inner}] at {idx}"
+                    );
                 }
 
                 // bias_grad: dbias[c] = sum over outer and inner of dy[o, c, i].
@@ -262,7 +268,10 @@ fn add_bias_and_bias_grad_match_f64() {
                     }
                     let terms = (outer * inner) as f64;
                     let tol = (terms + 1.0) * U_F32 * abs + store_err(bd, want);
-                    assert!((got[c] as f64 - want).abs() <= tol, "bias_grad {yd}/{bd} [{outer},{channels},{inner}] c={c}");
+                    assert!(
+                        (got[c] as f64 - want).abs() <= tol,
+                        "bias_grad {yd}/{bd} [{outer},{channels},{inner}] c={c}"
+                    );
                 }
             }
         }
@@ -536,8 +545,15 @@ fn conv_geom(channels: usize, height: usize, width: usize, kernel: usize, stride
     }
 }
 
-const CONV_GEOMS: [(usize, usize, usize, usize, usize, usize); 7] =
-    [(2, 7, 6, 3, 1, 0), (2, 7, 6, 3, 2, 1), (1, 5, 5, 2, 2, 0), (3, 8, 5, 3, 3, 2), (1, 4, 4, 4, 1, 0), (2, 3, 5, 1, 1, 0), (1, 6, 7, 3, 2, 2)];
+const CONV_GEOMS: [(usize, usize, usize, usize, usize, usize); 7] = [
+    (2, 7, 6, 3, 1, 0),
+    (2, 7, 6, 3, 2, 1),
+    (1, 5, 5, 2, 2, 0),
+    (3, 8, 5, 3, 3, 2),
+    (1, 4, 4, 4, 1, 0),
+    (2, 3, 5, 1, 1, 0),
+    (1, 6, 7, 3, 2, 2),
+];
 
 #[test]
 fn im2col_matches_naive_unfold_and_col2im_is_its_adjoint() {
@@ -739,7 +755,15 @@ fn cast_round_trips_round_to_nearest_even() {
     x0.extend(rand_vec(&mut rng, 500, -1e-3, 1e-3));
     // Ties: 1 + 2^-8 is halfway between bf16 1 and 1 + 2^-7 (even: 1); 1 + 3 * 2^-8 rounds up to 1 + 2^-6.
     // 1 + 2^-11 and 1 + 3 * 2^-11 are the same for f16. 65520 is f16's overflow threshold.
-    x0.extend([1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, 1.0 + 1.0 / 2048.0, 1.0 + 3.0 / 2048.0, 65504.0, 65520.0, 65519.0]);
+    x0.extend([
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+        1.0 + 1.0 / 2048.0,
+        1.0 + 3.0 / 2048.0,
+        65504.0,
+        65520.0,
+        65519.0,
+    ]);
     x0.extend([f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e-8, 6e-8, 1e38, f32::MAX]);
     let n = x0.len();
     assert_eq!(DType::BF16.round(1.0 + 1.0 / 256.0), 1.0);
@@ -808,12 +832,12 @@ fn handles_outside_the_arena_are_errors() {
     assert_eq!(cap, 4096 + 64, "an aligned buffer loses no bytes");
     let inside = Buf { offset: 0, len: 4, dtype: DType::F32 };
     let bad = [
-        Buf { offset: cap, len: 1, dtype: DType::F32 },                         // starts at the end
-        Buf { offset: cap - 4, len: 2, dtype: DType::F32 },                     // straddles the end
-        Buf { offset: 2, len: 2, dtype: DType::F32 },                           // misaligned for f32
-        Buf { offset: usize::MAX - 63, len: 32, dtype: DType::F32 },            // offset + bytes wraps
-        Buf { offset: 0, len: usize::MAX / 4 + 1, dtype: DType::F32 },          // len * 4 wraps to 0
-        Buf { offset: 64, len: usize::MAX / 2 + 1, dtype: DType::BF16 },        // len * 2 wraps to 0
+        Buf { offset: cap, len: 1, dtype: DType::F32 },     // starts at the end
+        Buf { offset: cap - 4, len: 2, dtype: DType::F32 }, // straddles the end
+        Buf { offset: 2, len: 2, dtype: DType::F32 },       // misaligned for f32
+        Buf { offset: usize::MAX - 63, len: 32, dtype: DType::F32 }, // offset + bytes wraps
+        Buf { offset: 0, len: usize::MAX / 4 + 1, dtype: DType::F32 }, // len * 4 wraps to 0
+        Buf { offset: 64, len: usize::MAX / 2 + 1, dtype: DType::BF16 }, // len * 2 wraps to 0
     ];
     let mut scratch = vec![0.0f32; 4];
     for b in bad {

@@ -382,12 +382,12 @@ impl Backend for SimdBackend<'_> {
         self.check(src, "cast")?;
         self.check(dst, "cast")?;
         Self::check_len(dst, src.len, "cast")?;
-        if src.dtype != dst.dtype && src.offset != dst.offset && src.overlaps(&dst) {
+        if src.offset != dst.offset && src.overlaps(&dst.prefix(src.len)) {
             return Err(Error::InvalidConfig("cast: src and dst overlap"));
         }
         with_float!(src.dtype, "cast", S => with_float!(dst.dtype, "cast", D => {
-            // SAFETY: both checked, dst holds src.len elements; partial overlap across dtypes rejected above
-            // (equal starts convert chunk by chunk, each chunk read before it is written).
+            // SAFETY: both checked, dst holds src.len elements; partial overlap rejected above (equal starts
+            // convert chunk by chunk, each chunk read before it is written).
             unsafe { convert::cast::<S, D>(self.isa, self.ptr::<S>(src), self.ptr::<D>(dst), src.len) };
         }));
         Ok(())

@@ -3,13 +3,14 @@
 //!
 //! bf16 is the top half of an f32, so both directions are integer shifts and an add that LLVM vectorises.
 //! `vcvtneps2bf16` (AVX512_BF16) is not used: it treats subnormal inputs as zero, which the reference does not.
-//! f16 goes through F16C (`vcvtph2ps`, `vcvtps2ph` with round-to-nearest-even), which rounds subnormals and
-//! quiets NaNs exactly as the reference's integer conversion does.
+//! f16 loads are integer code as well (F16C's `vcvtph2ps` would quiet signalling NaNs); f16 stores use F16C
+//! (`vcvtps2ph`, round to nearest even), which rounds subnormals and quiets NaNs exactly as the reference's
+//! integer conversion does.
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
-use mantissa_core::dtype::{f16_bits_to_f32, f32_to_f16_bits};
+use mantissa_core::dtype::f32_to_f16_bits;
 
 use super::{multiversion, V_AVX2};
 use crate::gemm::{Elem, ElemKind};
@@ -35,7 +36,7 @@ pub(crate) fn to_bits<T: Elem>(x: f32) -> T {
 /// `dst[i] = src[i]` widened to f32, for `i < dst.len()`.
 ///
 /// # Safety
-/// `src` is readable for `dst.len()` elements and does not overlap `dst`; with `V >= V_AVX2` the CPU has F16C.
+/// `src` is readable for `dst.len()` elements and does not overlap `dst`.
 #[inline(always)]
 pub(crate) unsafe fn load<T: Elem, const V: u8>(src: *const T, dst: &mut [f32]) {
     let n = dst.len();
@@ -51,25 +52,33 @@ pub(crate) unsafe fn load<T: Elem, const V: u8>(src: *const T, dst: &mut [f32]) 
         }
         ElemKind::F16 => {
             let s = src as *const u16;
-            let mut i = 0;
-            #[cfg(target_arch = "x86_64")]
-            if V >= V_AVX2 {
-                while i + 8 <= n {
-                    // SAFETY: 8 f16 readable at s + i and 8 f32 writable at dst[i..], i + 8 <= n; F16C (caller).
-                    unsafe {
-                        let h = _mm_loadu_si128(s.add(i) as *const __m128i);
-                        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-                    }
-                    i += 8;
-                }
-            }
-            while i < n {
+            for (i, d) in dst.iter_mut().enumerate() {
                 // SAFETY: i < n.
-                dst[i] = f16_bits_to_f32(unsafe { s.add(i).read() });
-                i += 1;
+                *d = f16_to_f32(unsafe { s.add(i).read() });
             }
         }
     }
+}
+
+/// f16 bits to f32, exactly, without branches (so it vectorises). Not F16C's `vcvtph2ps`: that quiets
+/// signalling NaNs, while the reference keeps their bits.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let exp = (h >> 10) & 0x1f;
+    let man = h & 0x3ff;
+    let normal = sign | ((exp + 112) << 23) | (man << 13);
+    let special = sign | 0x7f80_0000 | (man << 13);
+    // Zero or subnormal: man * 2^-24, exact in f32.
+    let small = sign | (man as f32 * (1.0 / 16_777_216.0)).to_bits();
+    f32::from_bits(if exp == 0 {
+        small
+    } else if exp == 31 {
+        special
+    } else {
+        normal
+    })
 }
 
 /// `dst[i] = src[i]` rounded to `T` (nearest even), for `i < src.len()`.
@@ -130,15 +139,10 @@ unsafe fn download_body<T: Elem, const V: u8>(src: *const T, dst: &mut [f32]) {
 }
 
 /// # Safety
-/// `src` readable and `dst` writable for `n` elements, not overlapping unless equal in dtype (then it is a
-/// `memmove`); the CPU has the features of `V`.
+/// `src` readable and `dst` writable for `n` elements, equal or disjoint; the CPU has the features of `V`.
 #[inline(always)]
 unsafe fn cast_body<S: Elem, D: Elem, const V: u8>(src: *const S, dst: *mut D, n: usize) {
-    if S::KIND == D::KIND {
-        // SAFETY: same element type and size; `copy` allows overlap.
-        unsafe { core::ptr::copy(src as *const u8, dst as *mut u8, n * core::mem::size_of::<S>()) };
-        return;
-    }
+    // Same dtypes too go through f32, as in the reference: a signalling NaN comes out quiet.
     let mut buf = [0.0f32; super::CH];
     let mut i = 0;
     while i < n {
