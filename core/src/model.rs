@@ -3,6 +3,8 @@
 use heapless::Vec;
 
 use crate::backend::{ConvGeom, PoolGeom};
+use crate::dtype::DType;
+use crate::policy::Policy;
 use crate::error::{Error, Result};
 use crate::layers::{Conv2d, Flatten, Gelu, Layer, Linear, MaxPool2d, Relu, Shape, SoftmaxCrossEntropy};
 
@@ -15,12 +17,15 @@ pub struct Model {
     input: Shape,
     layers: Vec<Layer, MAX_LAYERS>,
     params: usize,
+    /// Per-layer compute-dtype overrides (Keras' per-layer `dtype`): `Some(F32)` keeps that layer in float32
+    /// under a mixed policy.
+    overrides: [Option<DType>; MAX_LAYERS],
 }
 
 impl Model {
     /// Starts a sequential model that takes samples of shape `input`.
     pub fn sequential(input: Shape) -> ModelBuilder {
-        ModelBuilder { input, current: input, layers: Vec::new(), params: 0, error: None }
+        ModelBuilder { input, current: input, layers: Vec::new(), params: 0, error: None, overrides: [None; MAX_LAYERS] }
     }
 
     pub fn input(&self) -> Shape {
@@ -48,6 +53,29 @@ impl Model {
     pub fn loss(&self) -> SoftmaxCrossEntropy {
         SoftmaxCrossEntropy { classes: self.classes() }
     }
+
+    /// The compute dtype of layer `i` under `policy`: its override for Linear and Conv2d layers, the dtype
+    /// of its input for element-wise layers (they compute in whatever precision reaches them).
+    pub fn compute_dtype(&self, i: usize, policy: Policy) -> DType {
+        self.out_dtypes(policy)[i]
+    }
+
+    /// The dtype each layer's output is stored in under `policy`.
+    pub fn out_dtypes(&self, policy: Policy) -> [DType; MAX_LAYERS] {
+        let mut out = [policy.compute; MAX_LAYERS];
+        let mut prev = policy.compute;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let d = if layer.param_len() > 0 { self.overrides[i].unwrap_or(policy.compute) } else { prev };
+            out[i] = d;
+            prev = d;
+        }
+        out
+    }
+
+    /// Whether layer `i` has a per-layer override.
+    pub fn override_of(&self, i: usize) -> Option<DType> {
+        self.overrides.get(i).copied().flatten()
+    }
 }
 
 /// Builds a [`Model`] layer by layer. The first invalid layer's error is kept and returned by `build`, so a
@@ -59,6 +87,7 @@ pub struct ModelBuilder {
     layers: Vec<Layer, MAX_LAYERS>,
     params: usize,
     error: Option<Error>,
+    overrides: [Option<DType>; MAX_LAYERS],
 }
 
 impl ModelBuilder {
@@ -146,6 +175,32 @@ impl ModelBuilder {
         })
     }
 
+    /// Runs the layer just added under `policy`'s compute dtype whatever the model's policy, as Keras' per-layer
+    /// `dtype=` does; the usual use is `.linear(classes).dtype_policy(Policy::FLOAT32)` to keep the output
+    /// layer in float32 under a mixed policy. Only Linear and Conv2d take an override (element-wise layers
+    /// follow their input), and only `float32` is supported: the working copy holds one 16-bit dtype.
+    pub fn dtype_policy(mut self, policy: Policy) -> Self {
+        if self.error.is_some() {
+            return self;
+        }
+        let Some(last) = self.layers.last() else {
+            self.error = Some(Error::InvalidModel("dtype_policy() needs a layer before it"));
+            return self;
+        };
+        if last.param_len() == 0 {
+            self.error = Some(Error::InvalidModel(
+                "dtype_policy() applies to Linear and Conv2d; element-wise layers follow their input's dtype",
+            ));
+            return self;
+        }
+        if policy.compute != DType::F32 {
+            self.error = Some(Error::InvalidModel("per-layer dtype_policy() supports float32 only"));
+            return self;
+        }
+        self.overrides[self.layers.len() - 1] = Some(policy.compute);
+        self
+    }
+
     pub fn flatten(self) -> Self {
         self.push(|s, _| Ok(Layer::Flatten(Flatten { shape: s })))
     }
@@ -165,6 +220,6 @@ impl ModelBuilder {
                 "the last layer must output a flat vector of at least 2 class scores (end with linear(classes))",
             ));
         }
-        Ok(Model { input: self.input, layers: self.layers, params: self.params })
+        Ok(Model { input: self.input, layers: self.layers, params: self.params, overrides: self.overrides })
     }
 }

@@ -194,6 +194,9 @@ pub(crate) struct StepBufs {
     pub acts: [Buf; MAX_LAYERS],
     /// Per-layer state for the backward pass (max-pool positions).
     pub aux: [Buf; MAX_LAYERS],
+    /// Layer `i`'s input cast to its compute dtype, where that differs from the input's dtype (a float32
+    /// layer after 16-bit ones); empty otherwise.
+    pub casts: [Buf; MAX_LAYERS],
     /// The mean loss (one f32).
     pub loss: Buf,
     /// Activation-gradient ping-pong buffers, each `[B, widest layer]`.
@@ -209,30 +212,48 @@ pub(crate) struct StepBufs {
 
 pub(crate) fn alloc_step(arena: &mut Arena, model: &Model, policy: Policy, batch: usize) -> Result<StepBufs> {
     let c = policy.compute;
+    let dtypes = model.out_dtypes(policy);
     let input = arena.alloc(c, batch * model.input().len())?;
     let labels = arena.alloc(DType::I32, batch)?;
     let mut acts = [Buf::EMPTY; MAX_LAYERS];
     let mut aux = [Buf::EMPTY; MAX_LAYERS];
+    let mut casts = [Buf::EMPTY; MAX_LAYERS];
     let mut prev = input;
-    let mut widest = model.input().len();
-    let mut scratch_len = 0;
+    // Gradient and scratch buffers hold the widest tensor in the widest dtype any layer uses.
+    let mut widest_bytes = model.input().len() * c.size();
+    let mut scratch_bytes_per = 0;
     for (i, layer) in model.layers().iter().enumerate() {
+        let d = dtypes[i];
+        if prev.dtype != d && layer.param_len() > 0 {
+            casts[i] = arena.alloc(d, batch * layer.in_shape().len())?;
+        }
         let out = layer.out_shape().len();
-        acts[i] = if layer.aliases_input() { prev } else { arena.alloc(c, batch * out)? };
+        acts[i] = if layer.aliases_input() { prev } else { arena.alloc(d, batch * out)? };
         let (aux_len, aux_dtype) = layer.aux_len();
         if aux_len > 0 {
             aux[i] = arena.alloc(aux_dtype, batch * aux_len)?;
         }
         prev = acts[i];
-        widest = widest.max(out).max(layer.in_shape().len());
-        scratch_len = scratch_len.max(layer.scratch_len());
+        let in_dtype = if i == 0 { c } else { dtypes[i - 1] };
+        widest_bytes = widest_bytes.max(out * d.size()).max(layer.in_shape().len() * d.size().max(in_dtype.size()));
+        scratch_bytes_per = scratch_bytes_per.max(layer.scratch_len() * d.size());
     }
     let loss = arena.alloc(DType::F32, 1)?;
     let before = arena.used();
-    let grad_a = arena.alloc(c, batch * widest)?;
-    let grad_b = arena.alloc(c, batch * widest)?;
-    let scratch = arena.alloc(c, batch * scratch_len)?;
-    let dlogits = if policy.is_mixed() { arena.alloc(DType::F32, batch * model.classes())? } else { Buf::EMPTY };
+    // Allocated as bytes-worth of u8-sized units through a 16- or 32-bit dtype; views retype them per layer.
+    let wide = if widest_bytes % 4 == 0 { DType::F32 } else { DType::F16 };
+    let grad_a = arena.alloc(wide, batch * widest_bytes / wide.size())?;
+    let grad_b = arena.alloc(wide, batch * widest_bytes / wide.size())?;
+    let scratch = arena.alloc(wide, (batch * scratch_bytes_per).div_ceil(wide.size()))?;
+    let last = dtypes[model.layers().len() - 1];
+    let dlogits = if last != DType::F32 { arena.alloc(DType::F32, batch * model.classes())? } else { Buf::EMPTY };
     let scratch_bytes = arena.used() - before;
-    Ok(StepBufs { input, labels, acts, aux, loss, grad_a, grad_b, scratch, dlogits, scratch_bytes })
+    Ok(StepBufs { input, labels, acts, aux, casts, loss, grad_a, grad_b, scratch, dlogits, scratch_bytes })
+}
+
+/// The same bytes as `b`, seen as `len` elements of `dtype` (ping-pong and scratch buffers serve layers of
+/// different dtypes).
+pub(crate) fn retype(b: Buf, dtype: DType, len: usize) -> Buf {
+    debug_assert!(len * dtype.size() <= b.bytes());
+    Buf { offset: b.offset, len, dtype }
 }

@@ -19,7 +19,8 @@ use crate::loss_scale::{DynamicLossScale, LossScale};
 use crate::model::Model;
 use crate::numerics::{NonFiniteReport, Phase};
 use crate::optim::Optimizer;
-use crate::plan::{alloc_params, alloc_step, MemoryPlan, StepBufs};
+use crate::plan::{alloc_params, alloc_step, retype, MemoryPlan, StepBufs};
+use crate::dtype::DType;
 use crate::policy::Policy;
 use crate::rng::Rng;
 
@@ -301,53 +302,66 @@ impl<B: Backend> Trainer<B> {
     ) -> Result<(f32, usize, f32)> {
         self.upload_batch(s, x, labels, rows)?;
         let logits = self.forward(s, rows)?;
-        // The loss head writes dlogits into the ping-pong buffer that feeds the last layer's backward.
         let n = self.model.layers().len();
-        let mut dy = s.grad_a;
+        let dtypes = self.model.out_dtypes(self.policy);
         let classes = self.model.classes();
         let g = scale * self.config.loss_weight;
         let mut underflow = 0.0;
+        // The loss head writes dlogits into the ping-pong buffer that feeds the last layer's backward, in the
+        // dtype of the logits.
+        let mut dy = retype(s.grad_a, dtypes[n - 1], rows * classes);
         if s.dlogits.len > 0 {
-            // Mixed: the loss gradient is computed in f32, then cast to the compute dtype, where values below
-            // half the smallest subnormal flush to zero. Count them.
+            // 16-bit logits: the loss gradient is computed in f32, then cast to the compute dtype, where values
+            // below half the smallest subnormal flush to zero. Count them.
             let d32 = s.dlogits.prefix(rows * classes);
             self.model.loss().forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, d32, g)?;
-            let (flushed, non_zero) = self.backend.count_underflow(d32, self.policy.compute)?;
+            let (flushed, non_zero) = self.backend.count_underflow(d32, dy.dtype)?;
             underflow = if non_zero > 0 { flushed as f32 / non_zero as f32 } else { 0.0 };
-            self.backend.cast(d32, dy.prefix(rows * classes))?;
+            self.backend.cast(d32, dy)?;
         } else {
             self.model.loss().forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, dy, g)?;
         }
         if self.check_numerics {
             check_finite(&mut self.backend, s.loss, [1, 1], None, "loss", "loss value", Phase::Forward)?;
-            check_finite(&mut self.backend, dy.prefix(rows * classes), [rows, classes], None, "loss", "logits gradient", Phase::Backward)?;
+            check_finite(&mut self.backend, dy, [rows, classes], None, "loss", "logits gradient", Phase::Backward)?;
         }
         let correct = self.count_correct(logits, s.labels, labels, rows)?;
-        let p = Params { working: self.params.working, grad: self.params.grad };
         let layers = self.model.layers();
         for i in (0..n).rev() {
             let layer = &layers[i];
-            let x_i = if i == 0 { s.input } else { s.acts[i - 1] };
+            let d = dtypes[i];
+            let in_dtype = if i == 0 { self.policy.compute } else { dtypes[i - 1] };
+            let in_len = rows * layer.in_shape().len();
+            let x_i = if s.casts[i].len > 0 {
+                s.casts[i]
+            } else if i == 0 {
+                s.input
+            } else {
+                s.acts[i - 1]
+            };
             // The first layer needs no input gradient. Flatten passes dy through as dx.
             let dx = if i == 0 {
                 None
             } else if layer.aliases_input() {
-                Some(dy)
+                Some(retype(dy, in_dtype, in_len))
             } else {
-                Some(if dy == s.grad_a { s.grad_b } else { s.grad_a })
+                let other = if dy.offset == s.grad_a.offset { s.grad_b } else { s.grad_a };
+                Some(retype(other, in_dtype, in_len))
             };
-            let io = Bwd { x: x_i, y: s.acts[i], dy, dx, aux: s.aux[i], scratch: s.scratch, rows };
+            let p = layer_params(&self.params, self.policy, d);
+            let scratch = retype(s.scratch, d, s.scratch.bytes() / d.size());
+            let io = Bwd { x: x_i, y: s.acts[i], dy, dx, aux: s.aux[i], scratch, rows };
             layer.backward(&mut self.backend, &p, &io)?;
             if self.check_numerics {
                 for (name, off, dims) in layer.tensors() {
                     let len: usize = dims.iter().product();
                     let g = self.params.grad.slice(off, len);
-                    check_finite(&mut self.backend, g, [dims[0], len / dims[0].max(1)], Some(i), layer.kind(), name_grad(name), Phase::Backward)?;
+                    let shape = [dims[0], len / dims[0].max(1)];
+                    check_finite(&mut self.backend, g, shape, Some(i), layer.kind(), name_grad(name), Phase::Backward)?;
                 }
                 if let (Some(dx), false) = (dx, layer.aliases_input()) {
-                    let per = layer.in_shape().len();
-                    let what = "input gradient";
-                    check_finite(&mut self.backend, dx.prefix(rows * per), [rows, per], Some(i), layer.kind(), what, Phase::Backward)?;
+                    let shape = [rows, layer.in_shape().len()];
+                    check_finite(&mut self.backend, dx, shape, Some(i), layer.kind(), "input gradient", Phase::Backward)?;
                 }
             }
             if let Some(dx) = dx {
@@ -361,10 +375,19 @@ impl<B: Backend> Trainer<B> {
 
     /// Runs the layers forward over `rows` samples already uploaded to `s.input`; returns the logits.
     fn forward(&mut self, s: &StepBufs, rows: usize) -> Result<Buf> {
-        let p = Params { working: self.params.working, grad: self.params.grad };
+        let dtypes = self.model.out_dtypes(self.policy);
         let mut x = s.input;
         for (i, layer) in self.model.layers().iter().enumerate() {
-            let io = Fwd { x, y: s.acts[i], aux: s.aux[i], scratch: s.scratch, rows };
+            let d = dtypes[i];
+            if s.casts[i].len > 0 {
+                // A float32 layer after 16-bit ones reads its input widened (exactly) to f32.
+                let n = rows * layer.in_shape().len();
+                self.backend.cast(x.prefix(n), s.casts[i].prefix(n))?;
+                x = s.casts[i];
+            }
+            let p = layer_params(&self.params, self.policy, d);
+            let scratch = retype(s.scratch, d, s.scratch.bytes() / d.size());
+            let io = Fwd { x, y: s.acts[i], aux: s.aux[i], scratch, rows };
             layer.forward(&mut self.backend, &p, &io)?;
             x = s.acts[i];
             if self.check_numerics {
@@ -454,7 +477,9 @@ impl<B: Backend> Trainer<B> {
             let r = (|| -> Result<(f32, usize)> {
                 self.upload_batch(&s, xc, lc, rows)?;
                 let logits = self.forward(&s, rows)?;
-                self.model.loss().forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, s.grad_a, 1.0)?;
+                let last = self.model.out_dtypes(self.policy)[self.model.layers().len() - 1];
+                let dl = retype(s.grad_a, last, rows * self.model.classes());
+                self.model.loss().forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, dl, 1.0)?;
                 let mut loss = [0.0f32];
                 self.backend.download(s.loss, &mut loss)?;
                 Ok((loss[0], self.count_correct(logits, s.labels, lc, rows)?))
@@ -603,6 +628,13 @@ be: &mut B,
         return Ok(());
     }
     Err(Error::NonFinite(NonFiniteReport { layer, kind, op, phase, dtype: buf.dtype, shape, nan, inf }))
+}
+
+/// The weights a layer computing in `d` reads: the working copy, or the f32 master weights for a float32
+/// layer under a mixed policy (they are always current: the optimizer writes them first).
+fn layer_params(p: &ParamBufs, policy: Policy, d: DType) -> Params {
+    let working = if d == DType::F32 && policy.is_mixed() { p.master } else { p.working };
+    Params { working, grad: p.grad }
 }
 
 fn name_grad(name: &str) -> &'static str {
