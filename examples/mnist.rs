@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mantissa::backends::{AnyBackend, BackendKind};
 use mantissa::data::{load_bundled, Mnist};
 use mantissa::host::HostBuffer;
-use mantissa::{AdamW, Backend, LossScale, MemoryPlan, Model, Optimizer, Policy, Shape, TrainConfig, Trainer};
+use mantissa::{AdamW, Backend, MemoryPlan, Model, Optimizer, Policy, Shape, TrainConfig, Trainer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Arch {
@@ -217,7 +217,6 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         save_checkpoint(&mut trainer, path)?;
         println!("checkpoint written to {}", path.display());
     }
-    let _ = LossScale::None;
     println!(
         "result: model={arch} policy={policy} backend={} test_accuracy={last_test:.4} epochs={epochs} train_seconds={train_seconds:.1} arena_bytes={}",
         caps.backend, plan.total

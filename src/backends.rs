@@ -83,6 +83,10 @@ pub enum AnyBackend<'a> {
     /// AVX2 / AVX-512 kernels, chosen at run time (`MANTISSA_KERNEL` forces one).
     #[cfg(feature = "simd")]
     CpuSimd(mantissa_cpu_simd::SimdBackend<'a>),
+    /// GPU 0 through CUDA. Its arena is one device allocation as long as the host buffer given to
+    /// [`AnyBackend::open`]; the host buffer itself is not used (an empty one gives an empty arena).
+    #[cfg(feature = "cuda")]
+    Cuda(mantissa_cuda::CudaBackend),
 }
 
 impl core::fmt::Debug for AnyBackend<'_> {
@@ -103,9 +107,11 @@ impl<'a> AnyBackend<'a> {
             BackendKind::CpuSimd => Ok(AnyBackend::CpuSimd(mantissa_cpu_simd::SimdBackend::new(buf, 0)?)),
             #[cfg(not(feature = "simd"))]
             BackendKind::CpuSimd => Err(Error::BackendNotCompiled { backend: kind.name(), feature: kind.feature() }),
-            BackendKind::Cuda => Err(Error::DeviceUnavailable(
-                "the CUDA backend is not implemented in this version of mantissa",
-            )),
+            // No driver or GPU here: `Error::DeviceUnavailable`, so callers can fall back to a CPU backend.
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => Ok(AnyBackend::Cuda(mantissa_cuda::CudaBackend::new(0, buf.len())?)),
+            #[cfg(not(feature = "cuda"))]
+            BackendKind::Cuda => Err(Error::BackendNotCompiled { backend: kind.name(), feature: kind.feature() }),
         }
     }
 }
@@ -118,6 +124,8 @@ impl AnyBackend<'_> {
             AnyBackend::Reference(_) => None,
             #[cfg(feature = "simd")]
             AnyBackend::CpuSimd(b) => Some(b.kernel().name()),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(_) => None,
         }
     }
 }
@@ -141,6 +149,8 @@ macro_rules! dispatch {
             AnyBackend::Reference($b) => $e,
             #[cfg(feature = "simd")]
             AnyBackend::CpuSimd($b) => $e,
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda($b) => $e,
         }
     };
 }

@@ -5,7 +5,11 @@ pub use mantissa_core::*;
 pub use mantissa_core::{arena, backend, dtype, error, layers, loss_scale, model, numerics, optim, plan, policy, reference, rng, trainer};
 
 pub mod backends;
-#[cfg(feature = "std")] pub mod checkpoint;
+#[cfg(feature = "std")]
+pub mod checkpoint;
+/// The SIMD CPU backend's crate (kernels, `SimdBackend`), for benchmarks and direct use.
+#[cfg(feature = "simd")]
+pub use mantissa_cpu_simd as cpu_simd;
 #[cfg(feature = "std")]
 pub mod data;
 #[cfg(feature = "std")]

@@ -154,14 +154,18 @@ fn upload_download(kind: BackendKind) {
                 let b = r.alloc(dt, n);
                 let mut v = r.rand(n, -70000.0, 70000.0);
                 // Ties, subnormals of every dtype, overflow and specials.
-                let special = [0.0, -0.0, 1.0 + EPS, 1.0 + 2f32.powi(-8), 1e-40, 3e-8, 6e-5, 65520.0, f32::INFINITY, f32::NAN];
+                let special =
+                    [0.0, -0.0, 1.0 + EPS, 1.0 + 2f32.powi(-8), 1e-40, 3e-8, 6e-5, 65520.0, f32::INFINITY, f32::NAN];
                 for (x, s) in v.iter_mut().zip(special.iter().cycle()).step_by(2) {
                     *x = *s * if n % 2 == 0 { -1.0 } else { 1.0 };
                 }
                 r.set(b, &v);
                 r.same_bits(&format!("upload {dt} x{n}"), b);
                 let (t, f) = r.get(b);
-                assert_eq!(t.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), f.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+                assert_eq!(
+                    t.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    f.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                );
             }
         }
         let labels = r.alloc(DType::I32, 7);
@@ -261,7 +265,10 @@ fn gemm(kind: BackendKind, ad: DType) {
                         let what = format!("gemm {ad}->{cd} {m}x{n}x{k} ta={ta} tb={tb} batch={batch} beta={beta}");
                         assert_close(&what, &got, &want, |i| tol[i]);
                         if beta == 0.0 {
-                            assert!(got.iter().enumerate().all(|(i, v)| tol[i] == 0.0 || v.is_finite()), "{what}: NaN leaked");
+                            assert!(
+                                got.iter().enumerate().all(|(i, v)| tol[i] == 0.0 || v.is_finite()),
+                                "{what}: NaN leaked"
+                            );
                         }
                         r.arena.release(mark);
                     }
@@ -277,10 +284,10 @@ fn gemm_errors(kind: BackendKind) {
         let b = r.alloc(DType::F32, 64);
         let c = r.alloc(DType::F32, 64);
         let bad = [
-            Gemm::new(8, 8, 8, a, b, Buf { len: 16, ..c }),                                 // C too short
-            Gemm::new(4, 4, 4, a, b, a),                                                    // C overlaps A
-            Gemm::new(4, 4, 4, a, Buf { dtype: DType::BF16, ..b }, c),                      // dtypes differ
-            Gemm::new(4, 4, 4, a, b, Buf { offset: 1 << 16, ..c }),                         // outside the arena
+            Gemm::new(8, 8, 8, a, b, Buf { len: 16, ..c }),            // C too short
+            Gemm::new(4, 4, 4, a, b, a),                               // C overlaps A
+            Gemm::new(4, 4, 4, a, Buf { dtype: DType::BF16, ..b }, c), // dtypes differ
+            Gemm::new(4, 4, 4, a, b, Buf { offset: 1 << 16, ..c }),    // outside the arena
             Gemm::new(4, 4, 4, Buf { dtype: DType::I32, ..a }, Buf { dtype: DType::I32, ..b }, c), // not a float
         ];
         for g in bad {
@@ -294,7 +301,8 @@ fn gemm_errors(kind: BackendKind) {
     });
 }
 
-const BIAS_SHAPES: [(usize, usize, usize); 6] = [(1, 1, 1), (7, 7, 1), (3, 257, 1), (5, 7, 63), (2, 3, 257), (64, 10, 1)];
+const BIAS_SHAPES: [(usize, usize, usize); 6] =
+    [(1, 1, 1), (7, 7, 1), (3, 257, 1), (5, 7, 63), (2, 3, 257), (64, 10, 1)];
 
 fn add_bias(kind: BackendKind) {
     with_rig(kind, 1 << 20, |r| {
@@ -331,7 +339,9 @@ fn bias_grad(kind: BackendKind) {
                     let (got, want) = r.get(db);
                     let terms = (o * i) as f32;
                     let sum_abs = |ch: usize| -> f32 {
-                        (0..o).map(|oo| y[(oo * c + ch) * i..(oo * c + ch + 1) * i].iter().map(|v| v.abs()).sum::<f32>()).sum()
+                        (0..o)
+                            .map(|oo| y[(oo * c + ch) * i..(oo * c + ch + 1) * i].iter().map(|v| v.abs()).sum::<f32>())
+                            .sum()
                     };
                     let tol: Vec<f32> = (0..c).map(|ch| terms * EPS * sum_abs(ch) + ulp(bd, want[ch])).collect();
                     assert_close(&what, &got, &want, |k| tol[k]);
@@ -640,10 +650,9 @@ fn training(kind: BackendKind) {
         .linear(3)
         .build()
         .unwrap();
-    for (name, model, opt) in [
-        ("mlp", &mlp, Optimizer::from(AdamW::new(1e-2))),
-        ("cnn", &cnn, Optimizer::from(Sgd::new(0.05).momentum(0.9))),
-    ] {
+    for (name, model, opt) in
+        [("mlp", &mlp, Optimizer::from(AdamW::new(1e-2))), ("cnn", &cnn, Optimizer::from(Sgd::new(0.05).momentum(0.9)))]
+    {
         for (policy, tol) in [(Policy::FLOAT32, 1e-5), (Policy::MIXED_BFLOAT16, 2e-3), (Policy::MIXED_FLOAT16, 2e-3)] {
             let Some((got, want)) = train(kind, model, policy, opt) else { return };
             let what = format!("training {name} {policy}");

@@ -44,6 +44,10 @@
 //!   leaving gaps, a non-finite or inconsistent loss scale. Each is an [`Error::Checkpoint`] saying which.
 //! - It checks everything before writing anything: after an error the trainer is as it was.
 //!
+//! - It refuses partially trainable trainers ([`crate::trainable::Trainable`] other than `All`), for save and
+//!   load alike: they keep no f32 master copy or optimizer state for frozen tensors. Move their weights with
+//!   [`Trainer::load_weights`] and [`Trainer::read_weights`] (every parameter, in the checkpoint's order).
+//!
 //! Stack use: [`load`] keeps a 24-byte record for each possible tensor (`6 * MAX_LAYERS` of them), 4.6 KiB.
 
 use core::fmt::{self, Display, Write};
@@ -77,6 +81,7 @@ pub fn checkpoint_len<B: Backend>(trainer: &Trainer<B>) -> usize {
 /// Writes the checkpoint of `trainer` into `out[..checkpoint_len(trainer)]` and returns that length.
 /// `out` may be longer; the bytes after the checkpoint are not touched.
 pub fn save<B: Backend>(trainer: &mut Trainer<B>, out: &mut [u8]) -> Result<usize> {
+    refuse_partial(trainer)?;
     let state = State::of(trainer);
     let n_states = state.layout.n_states;
     let (header_len, total) = sizes(&state);
@@ -111,6 +116,7 @@ pub fn save<B: Backend>(trainer: &mut Trainer<B>, out: &mut [u8]) -> Result<usiz
 /// and metadata). See the module documentation for what is restored and what is refused. On error the
 /// trainer is unchanged (short of a device failing in the middle of the upload).
 pub fn load<B: Backend>(trainer: &mut Trainer<B>, bytes: &[u8]) -> Result<()> {
+    refuse_partial(trainer)?;
     let (text, data) = split(bytes)?;
     let state = State::of(trainer);
     let parsed = parse(text, state.layout)?;
@@ -137,6 +143,19 @@ pub fn load<B: Backend>(trainer: &mut Trainer<B>, bytes: &[u8]) -> Result<()> {
         trainer.set_loss_scale(s)?;
     }
     trainer.set_counters(restore.updates, restore.skipped);
+    Ok(())
+}
+
+/// Checkpoints hold every parameter's f32 master weights and optimizer state; a partially trainable trainer
+/// has neither for its frozen tensors. Its weights go in and out with [`Trainer::load_weights`] and
+/// [`Trainer::read_weights`] instead.
+fn refuse_partial<B: Backend>(trainer: &Trainer<B>) -> Result<()> {
+    if trainer.layout().trainable().is_partial() {
+        return Err(Error::Checkpoint(
+            "checkpoints of a partially trainable trainer (Trainable::LastLayers / BiasOnly) are not supported: \
+             use Trainer::read_weights / load_weights, or save from a trainer with Trainable::All",
+        ));
+    }
     Ok(())
 }
 

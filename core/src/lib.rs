@@ -24,6 +24,7 @@ pub mod plan;
 pub mod policy;
 pub mod reference;
 pub mod rng;
+pub mod trainable;
 pub mod trainer;
 
 pub use arena::{Arena, Buf};
@@ -34,7 +35,8 @@ pub use layers::Shape;
 pub use loss_scale::{DynamicConfig, DynamicLossScale, GradScaler, LossScale};
 pub use model::Model;
 pub use optim::{AdamW, Optimizer, Sgd};
-pub use plan::MemoryPlan;
+pub use plan::{MemoryPlan, SideBySide};
 pub use policy::Policy;
 pub use reference::Reference;
+pub use trainable::Trainable;
 pub use trainer::{Applied, Evaluation, StepReport, TrainConfig, Trainer};

@@ -14,7 +14,7 @@
 use crate::arena::{Arena, Buf, Mark};
 use crate::backend::{Backend, ParamBufs};
 use crate::error::{Error, Result};
-use crate::layers::{Bwd, Fwd, Params};
+use crate::layers::{Bwd, Fwd, LayerParams};
 use crate::loss_scale::{DynamicLossScale, LossScale};
 use crate::model::Model;
 use crate::numerics::{NonFiniteReport, Phase};
@@ -23,6 +23,7 @@ use crate::plan::{alloc_params, alloc_step, retype, MemoryPlan, StepBufs};
 use crate::dtype::DType;
 use crate::policy::Policy;
 use crate::rng::Rng;
+use crate::trainable::{ParamLayout, TensorLoc, Trainable};
 
 /// How to train, beyond the model, policy and optimizer.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -37,6 +38,11 @@ pub struct TrainConfig {
     /// The objective is `loss_weight * cross-entropy` (an auxiliary loss's weight, say); reports give the
     /// unweighted cross-entropy. Gradients scale with it, so a small weight shows f16 underflow.
     pub loss_weight: f32,
+    /// Which parameters train (partial fine-tuning freezes the rest).
+    pub trainable: Trainable,
+    /// The dtype frozen parameters are stored in; `None`: the policy's compute dtype. `Some(BF16)` under
+    /// `float32` halves frozen weights; layers convert them to f32, a block at a time, as they read them.
+    pub frozen_storage: Option<DType>,
 }
 
 impl TrainConfig {
@@ -47,7 +53,36 @@ impl TrainConfig {
             crate::dtype::DType::F16 => LossScale::Dynamic(DynamicLossScale::tensorflow()),
             _ => LossScale::None,
         };
-        TrainConfig { batch, loss_scale, clip_norm: None, seed: 0, loss_weight: 1.0 }
+        TrainConfig {
+            batch,
+            loss_scale,
+            clip_norm: None,
+            seed: 0,
+            loss_weight: 1.0,
+            trainable: Trainable::All,
+            frozen_storage: None,
+        }
+    }
+
+    /// Trains only some parameters; see [`Trainable`].
+    pub fn trainable(mut self, t: Trainable) -> Self {
+        self.trainable = t;
+        self
+    }
+
+    /// Stores frozen parameters in `dtype` (a float dtype) instead of the compute dtype.
+    pub fn frozen_storage(mut self, dtype: DType) -> Self {
+        self.frozen_storage = Some(dtype);
+        self
+    }
+
+    /// The dtype frozen parameters are stored in under `policy`.
+    pub fn frozen_dtype(&self, policy: Policy) -> Result<DType> {
+        match self.frozen_storage {
+            Some(DType::I32) => Err(Error::InvalidConfig("frozen storage must be a float dtype")),
+            Some(d) => Ok(d),
+            None => Ok(policy.compute),
+        }
     }
 
     pub fn loss_scale(mut self, s: LossScale) -> Self {
@@ -131,7 +166,12 @@ pub struct Trainer<B: Backend> {
     optimizer: Optimizer,
     config: TrainConfig,
     arena: Arena,
+    /// The trainable parameters' vectors (everything under [`Trainable::All`]).
     params: ParamBufs,
+    /// Frozen parameters, in `frozen_dtype`; empty unless partial.
+    frozen: Buf,
+    frozen_dtype: DType,
+    layout: ParamLayout,
     /// The arena position after the persistent buffers: every step allocates above it and releases to it.
     base: Mark,
     plan: MemoryPlan,
@@ -167,16 +207,33 @@ impl<B: Backend> Trainer<B> {
         if !(config.loss_weight.is_finite() && config.loss_weight > 0.0) {
             return Err(Error::InvalidConfig("loss weight must be finite and > 0"));
         }
-        let plan = MemoryPlan::new(&model, policy, &optimizer, config.batch)?;
+        let plan = MemoryPlan::for_config(&model, policy, &optimizer, &config)?;
         if plan.total > backend.capacity() {
             return Err(Error::OutOfMemory { needed: plan.total, available: backend.capacity() });
         }
+        let layout = ParamLayout::new(&model, config.trainable)?;
+        let frozen_dtype = config.frozen_dtype(policy)?;
         let mut arena = Arena::new(backend.capacity());
-        let (params, _) = alloc_params(&mut arena, &model, policy, &optimizer)?;
+        let (params, frozen, _) = alloc_params(&mut arena, &model, policy, &optimizer, &layout, frozen_dtype)?;
         let base = arena.mark();
         let mut rng = Rng::new(config.seed);
-        for layer in model.layers() {
-            layer.init(&mut backend, params.master, &mut rng)?;
+        // PyTorch's default initialisation, drawn layer by layer, weight then bias, in model order (the same
+        // draws whatever is frozen), each tensor written where it lives.
+        for (i, layer) in model.layers().iter().enumerate() {
+            let Some(bound) = layer.init_bound() else { continue };
+            for loc in layout.layer(i) {
+                let dst = tensor_buf(&params, frozen, loc);
+                let mut chunk = [0.0f32; 256];
+                let mut done = 0;
+                while done < loc.len {
+                    let n = chunk.len().min(loc.len - done);
+                    for v in &mut chunk[..n] {
+                        *v = rng.uniform(-bound, bound);
+                    }
+                    backend.upload(dst.slice(done, n), &chunk[..n])?;
+                    done += n;
+                }
+            }
         }
         if params.working != params.master {
             backend.cast(params.master, params.working)?;
@@ -195,6 +252,9 @@ impl<B: Backend> Trainer<B> {
             config,
             arena,
             params,
+            frozen,
+            frozen_dtype,
+            layout,
             base,
             plan,
             updates: 0,
@@ -207,7 +267,7 @@ impl<B: Backend> Trainer<B> {
     /// On any error the model, optimizer state and loss scale are unchanged.
     pub fn step(&mut self, x: &[f32], labels: &[u32]) -> Result<StepReport> {
         let rows = self.check_batch(x, labels.len())?;
-        let bufs = alloc_step(&mut self.arena, &self.model, self.policy, self.config.batch)?;
+        let bufs = self.alloc_step()?;
         let result = self.step_inner(&bufs, x, labels, rows);
         self.arena.release(self.base);
         result
@@ -271,18 +331,25 @@ impl<B: Backend> Trainer<B> {
     /// mean loss. For custom loops and gradient checks; `step` is this plus the update.
     pub fn forward_backward(&mut self, x: &[f32], labels: &[u32], scale: f32) -> Result<f32> {
         let rows = self.check_batch(x, labels.len())?;
-        let bufs = alloc_step(&mut self.arena, &self.model, self.policy, self.config.batch)?;
+        let bufs = self.alloc_step()?;
         let result = self.forward_backward_inner(&bufs, x, labels, rows, scale).map(|(loss, _, _)| loss);
         self.arena.release(self.base);
         result
     }
 
-    /// Copies the f32 gradients out (`out.len() == model.param_len()`), still multiplied by the loss scale.
+    fn alloc_step(&mut self) -> Result<StepBufs> {
+        alloc_step(&mut self.arena, &self.model, self.policy, self.config.batch, &self.layout, self.frozen_dtype)
+    }
+
+    /// Copies the f32 gradients of the trainable parameters out, still multiplied by the loss scale
+    /// (`out.len() == trainable_len()`: the model's `param_len()` unless partial).
     pub fn read_gradients(&mut self, out: &mut [f32]) -> Result<()> {
         self.backend.download(self.params.grad, out)
     }
 
-    /// Overwrites the f32 master weights (and refreshes the working copy). `w.len() == model.param_len()`.
+    /// Overwrites the f32 master weights of the trainable parameters (and refreshes the working copy).
+    /// `w.len() == trainable_len()` (the model's `param_len()` unless partial); see
+    /// [`Trainer::load_weights`] for every parameter, frozen ones included.
     pub fn write_master(&mut self, w: &[f32]) -> Result<()> {
         self.backend.upload(self.params.master, w)?;
         if self.params.working != self.params.master {
@@ -327,7 +394,9 @@ impl<B: Backend> Trainer<B> {
         }
         let correct = self.count_correct(logits, s.labels, labels, rows)?;
         let layers = self.model.layers();
-        for i in (0..n).rev() {
+        // Backward from the loss down to the first trainable layer: nothing before it needs a gradient.
+        let first = self.layout.first_trainable();
+        for i in (first..n).rev() {
             let layer = &layers[i];
             let d = dtypes[i];
             let in_dtype = if i == 0 { self.policy.compute } else { dtypes[i - 1] };
@@ -339,8 +408,8 @@ impl<B: Backend> Trainer<B> {
             } else {
                 s.acts[i - 1]
             };
-            // The first layer needs no input gradient. Flatten passes dy through as dx.
-            let dx = if i == 0 {
+            // The first trainable layer needs no input gradient. Flatten passes dy through as dx.
+            let dx = if i == first {
                 None
             } else if layer.aliases_input() {
                 Some(retype(dy, in_dtype, in_len))
@@ -348,14 +417,17 @@ impl<B: Backend> Trainer<B> {
                 let other = if dy.offset == s.grad_a.offset { s.grad_b } else { s.grad_a };
                 Some(retype(other, in_dtype, in_len))
             };
-            let p = layer_params(&self.params, self.policy, d);
+            let p = self.layer_params(i, d, s);
             let scratch = retype(s.scratch, d, s.scratch.bytes() / d.size());
             let io = Bwd { x: x_i, y: s.acts[i], dy, dx, aux: s.aux[i], scratch, rows };
             layer.backward(&mut self.backend, &p, &io)?;
             if self.check_numerics {
-                for (name, off, dims) in layer.tensors() {
-                    let len: usize = dims.iter().product();
-                    let g = self.params.grad.slice(off, len);
+                for ((name, _, dims), loc) in layer.tensors().into_iter().zip(self.layout.layer(i)) {
+                    if !loc.trainable {
+                        continue;
+                    }
+                    let len = loc.len;
+                    let g = self.params.grad.slice(loc.offset, len);
                     let shape = [dims[0], len / dims[0].max(1)];
                     check_finite(&mut self.backend, g, shape, Some(i), layer.kind(), name_grad(name), Phase::Backward)?;
                 }
@@ -385,7 +457,7 @@ impl<B: Backend> Trainer<B> {
                 self.backend.cast(x.prefix(n), s.casts[i].prefix(n))?;
                 x = s.casts[i];
             }
-            let p = layer_params(&self.params, self.policy, d);
+            let p = self.layer_params(i, d, s);
             let scratch = retype(s.scratch, d, s.scratch.bytes() / d.size());
             let io = Fwd { x, y: s.acts[i], aux: s.aux[i], scratch, rows };
             layer.forward(&mut self.backend, &p, &io)?;
@@ -451,7 +523,7 @@ impl<B: Backend> Trainer<B> {
         let classes = self.model.classes();
         for (xc, oc) in x.chunks(batch * per).zip(out.chunks_mut(batch)) {
             let rows = oc.len();
-            let s = alloc_step(&mut self.arena, &self.model, self.policy, batch)?;
+            let s = self.alloc_step()?;
             let r = self.backend.upload(s.input.prefix(xc.len()), xc).and_then(|_| self.forward(&s, rows));
             let r = r.and_then(|logits| {
                 argmax_rows(&mut self.backend, logits, rows, classes, |i, p| oc[i] = p as u32)
@@ -473,7 +545,7 @@ impl<B: Backend> Trainer<B> {
         let mut loss_sum = 0.0f64;
         for (xc, lc) in x.chunks(batch * per).zip(labels.chunks(batch)) {
             let rows = lc.len();
-            let s = alloc_step(&mut self.arena, &self.model, self.policy, batch)?;
+            let s = self.alloc_step()?;
             let r = (|| -> Result<(f32, usize)> {
                 self.upload_batch(&s, xc, lc, rows)?;
                 let logits = self.forward(&s, rows)?;
@@ -555,7 +627,8 @@ impl<B: Backend> Trainer<B> {
         &mut self.backend
     }
 
-    /// Copies the f32 master weights out (`out.len() == model.param_len()`).
+    /// Copies the f32 master weights of the trainable parameters out (`out.len() == trainable_len()`; see
+    /// [`Trainer::read_weights`] for every parameter).
     pub fn read_master(&mut self, out: &mut [f32]) -> Result<()> {
         self.backend.download(self.params.master, out)
     }
@@ -591,6 +664,113 @@ impl<B: Backend> Trainer<B> {
 
     pub fn check_numerics(&self) -> bool {
         self.check_numerics
+    }
+
+    /// Which parameters train, and where every tensor lives.
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// Elements of the trainable vectors (master, gradients, optimizer state): `model().param_len()` unless
+    /// partial.
+    pub fn trainable_len(&self) -> usize {
+        self.layout.trainable_len()
+    }
+
+    /// The frozen parameters' buffer (empty unless partial) and its dtype.
+    pub fn frozen(&self) -> Buf {
+        self.frozen
+    }
+
+    /// Sets every parameter, frozen ones included, from `w` in the model's flat parameter order
+    /// (`w.len() == model().param_len()`; the order of [`crate::layers::Layer::tensors`] and of a checkpoint's
+    /// master weights). Frozen values are rounded to their storage dtype; the working copy is refreshed.
+    /// Optimizer state and counters are not touched. On a length error nothing is written.
+    pub fn load_weights(&mut self, w: &[f32]) -> Result<()> {
+        let n = self.model.param_len();
+        if w.len() != n {
+            return Err(Error::ShapeMismatch { what: "weights (model parameters in model order)", expected: n, got: w.len() });
+        }
+        self.load_weights_with(|at, chunk| {
+            chunk.copy_from_slice(&w[at..at + chunk.len()]);
+            Ok(())
+        })
+    }
+
+    /// [`Trainer::load_weights`] without the whole vector in memory (firmware reading a blob in flash):
+    /// `fill(at, chunk)` writes the parameters `at..at + chunk.len()` of the model's flat order into `chunk`
+    /// (at most 256 values, within one tensor). Every parameter is asked for exactly once, in order. An error
+    /// from `fill` stops the load and is returned (parameters before it are written).
+    pub fn load_weights_with(&mut self, mut fill: impl FnMut(usize, &mut [f32]) -> Result<()>) -> Result<()> {
+        let mut chunk = [0.0f32; 256];
+        for (_, loc) in self.layout.iter(self.model.layers().len()) {
+            let dst = tensor_buf(&self.params, self.frozen, loc);
+            let mut done = 0;
+            while done < loc.len {
+                let n = chunk.len().min(loc.len - done);
+                fill(loc.model_offset + done, &mut chunk[..n])?;
+                self.backend.upload(dst.slice(done, n), &chunk[..n])?;
+                done += n;
+            }
+        }
+        if self.params.working != self.params.master {
+            self.backend.cast(self.params.master, self.params.working)?;
+        }
+        Ok(())
+    }
+
+    /// Copies every parameter out in the model's flat parameter order (`out.len() == model().param_len()`):
+    /// trainable ones from the f32 master weights, frozen ones widened from their storage.
+    pub fn read_weights(&mut self, out: &mut [f32]) -> Result<()> {
+        let n = self.model.param_len();
+        if out.len() != n {
+            return Err(Error::ShapeMismatch { what: "weights (model parameters in model order)", expected: n, got: out.len() });
+        }
+        self.visit_weights(|at, chunk| out[at..at + chunk.len()].copy_from_slice(chunk))
+    }
+
+    /// [`Trainer::read_weights`] in chunks of at most 256 values, in model order: `f(at, chunk)` gets the
+    /// parameters `at..at + chunk.len()` (for checksums and streaming out on a device).
+    pub fn visit_weights(&mut self, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
+        let mut chunk = [0.0f32; 256];
+        for (_, loc) in self.layout.iter(self.model.layers().len()) {
+            let src = tensor_buf(&self.params, self.frozen, loc);
+            let mut done = 0;
+            while done < loc.len {
+                let n = chunk.len().min(loc.len - done);
+                self.backend.download(src.slice(done, n), &mut chunk[..n])?;
+                f(loc.model_offset + done, &chunk[..n]);
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// The views layer `i` (computing in `d`) reads and writes during step `s`: trainable tensors from the
+    /// working copy (or the f32 master weights for a float32 layer under a mixed policy: they are always
+    /// current, the optimizer writes them first) with their gradients; frozen tensors from the frozen vector,
+    /// without gradients.
+    fn layer_params(&self, i: usize, d: DType, s: &StepBufs) -> LayerParams {
+        let [w, b] = self.layout.layer(i);
+        if w.len == 0 {
+            return LayerParams::NONE;
+        }
+        let p = &self.params;
+        let working = if d == DType::F32 && self.policy.is_mixed() { p.master } else { p.working };
+        let read = |loc: TensorLoc| {
+            if loc.trainable {
+                working.slice(loc.offset, loc.len)
+            } else {
+                self.frozen.slice(loc.offset, loc.len)
+            }
+        };
+        let grad = |loc: TensorLoc| loc.trainable.then(|| p.grad.slice(loc.offset, loc.len));
+        let widen = if !w.trainable && self.frozen_dtype != d && s.widen.len > 0 {
+            retype(s.widen, d, s.widen.bytes() / d.size())
+        } else {
+            Buf::EMPTY
+        };
+        LayerParams { weight: read(w), bias: read(b), dweight: grad(w), dbias: grad(b), widen }
     }
 
     /// Gives the backend (and its arena) back.
@@ -630,11 +810,13 @@ be: &mut B,
     Err(Error::NonFinite(NonFiniteReport { layer, kind, op, phase, dtype: buf.dtype, shape, nan, inf }))
 }
 
-/// The weights a layer computing in `d` reads: the working copy, or the f32 master weights for a float32
-/// layer under a mixed policy (they are always current: the optimizer writes them first).
-fn layer_params(p: &ParamBufs, policy: Policy, d: DType) -> Params {
-    let working = if d == DType::F32 && policy.is_mixed() { p.master } else { p.working };
-    Params { working, grad: p.grad }
+/// Where a tensor's values live: the f32 master vector (trainable) or the frozen vector.
+fn tensor_buf(p: &ParamBufs, frozen: Buf, loc: TensorLoc) -> Buf {
+    if loc.trainable {
+        p.master.slice(loc.offset, loc.len)
+    } else {
+        frozen.slice(loc.offset, loc.len)
+    }
 }
 
 fn name_grad(name: &str) -> &'static str {

@@ -1,4 +1,6 @@
-//! SIMD CPU kernels for mantissa: blocked, packed GEMM in f32, bf16 and f16.
+//! SIMD CPU kernels for mantissa: blocked, packed GEMM in f32, bf16 and f16, and (with `std`) [`SimdBackend`],
+//! the `mantissa_core::Backend` that trains with them (GEMM here, element-wise ops vectorised in `ops/`, one
+//! file per op family, tested against the scalar reference by the workspace's `tests/backends.rs`).
 //!
 //! One zero-sized kernel type per instruction set (scalar, AVX2+FMA, AVX-512F,
 //! AVX-512 BF16), chosen once by [`detect`] and carried around as a [`Kernel`]

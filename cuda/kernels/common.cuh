@@ -9,6 +9,8 @@
 // scalar reference bit for bit except where a math-library function (expf, logf, tanhf) differs by an ulp.
 
 typedef unsigned long long u64;
+
+#define INFINITY __int_as_float(0x7f800000)  // no <math.h> without the toolkit headers
 typedef long long i64;
 
 struct f16 {

@@ -83,7 +83,7 @@ pub struct CudaBackend {
     // Field order is drop order: cuBLAS and the modules go before the memory, the memory before the context.
     blas: CudaBlas,
     kernels: Kernels,
-    mem: DeviceMemory,
+    _mem: DeviceMemory,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
     /// Device address of byte 0 of the arena.
@@ -140,9 +140,8 @@ impl CudaBackend {
         // A library can still be present but unusable (too old, a symbol missing), which cudarc also reports
         // by panicking on first use; catch that here and answer with an error value. (The panic message is
         // still printed by the panic hook, which says which library and symbol.)
-        std::panic::catch_unwind(|| CudaBackend::open(ordinal, arena_bytes)).unwrap_or(Err(
-            Error::DeviceUnavailable("a CUDA library failed to load (see the message above)"),
-        ))
+        std::panic::catch_unwind(|| CudaBackend::open(ordinal, arena_bytes))
+            .unwrap_or(Err(Error::DeviceUnavailable("a CUDA library failed to load (see the message above)")))
     }
 
     fn open(ordinal: usize, arena_bytes: usize) -> Result<CudaBackend> {
@@ -183,9 +182,12 @@ impl CudaBackend {
                 .result()
                 .map_err(blas_err("setting the cuBLAS workspace"))?;
             // f32 compute with round-once 16-bit outputs: no TF32, no reduced-precision split-K reductions.
-            blas::cublasSetMathMode(*blas.handle(), blas::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)
-                .result()
-                .map_err(blas_err("setting the cuBLAS math mode"))?;
+            blas::cublasSetMathMode(
+                *blas.handle(),
+                blas::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION,
+            )
+            .result()
+            .map_err(blas_err("setting the cuBLAS math mode"))?;
         }
 
         let arch = arch_name(compute_capability);
@@ -200,7 +202,7 @@ impl CudaBackend {
         Ok(CudaBackend {
             blas,
             kernels,
-            mem,
+            _mem: mem,
             stream,
             ctx,
             base: ptr,
@@ -243,7 +245,15 @@ impl CudaBackend {
         n.div_ceil(block as usize).clamp(1, self.sm_count as usize * 16) as u32
     }
 
-    fn run(&mut self, fam: Family, base: &'static str, a: DType, b: Option<DType>, n: usize, args: &[Arg]) -> Result<()> {
+    fn run(
+        &mut self,
+        fam: Family,
+        base: &'static str,
+        a: DType,
+        b: Option<DType>,
+        n: usize,
+        args: &[Arg],
+    ) -> Result<()> {
         let f = self.kernels.get(fam, base, Some(a), b)?;
         launch(&self.stream, f, (self.grid(n, 256), 1, 1), (256, 1, 1), args)
     }
@@ -312,14 +322,9 @@ impl CudaBackend {
         r.result().map_err(driver("memset"))
     }
 
-    fn geometry_args(images: usize, c: usize, h: usize, w: usize, k: usize, s: usize, p: Option<usize>, oh: usize, ow: usize) -> Vec<Arg> {
-        let mut v = vec![Arg::I64(images as i64), Arg::I64(c as i64), Arg::I64(h as i64), Arg::I64(w as i64)];
-        v.extend([Arg::I64(k as i64), Arg::I64(s as i64)]);
-        if let Some(p) = p {
-            v.push(Arg::I64(p as i64));
-        }
-        v.extend([Arg::I64(oh as i64), Arg::I64(ow as i64)]);
-        v
+    /// Geometry kernel arguments (`i64` each), in the kernels' parameter order.
+    fn geometry_args(v: &[usize]) -> impl Iterator<Item = Arg> + '_ {
+        v.iter().map(|&x| Arg::I64(x as i64))
     }
 
     fn check_params(&self, p: &ParamBufs, state1: bool, state2: bool) -> Result<usize> {
@@ -488,8 +493,10 @@ impl Backend for CudaBackend {
         self.enter()?;
         if s == d {
             // SAFETY: both ranges were checked against the arena.
-            return unsafe { cur::memcpy_dtod_async(self.ptr(dst), self.ptr(src), src.bytes(), self.stream.cu_stream()) }
-                .map_err(driver("device copy"));
+            return unsafe {
+                cur::memcpy_dtod_async(self.ptr(dst), self.ptr(src), src.bytes(), self.stream.cu_stream())
+            }
+            .map_err(driver("device copy"));
         }
         let args = [Arg::U64(self.ptr(src)), Arg::U64(self.ptr(dst)), Arg::U64(src.len as u64)];
         self.run(Family::Elementwise, "cast", s, Some(d), src.len, &args)
@@ -542,9 +549,6 @@ impl Backend for CudaBackend {
         while c0 < channels {
             let cc = (channels - c0).min(room);
             let max_splits = (room / cc).clamp(1, 65535);
-            let args_tail = |splits: usize| {
-                [Arg::U64(self.ptr(dbias)), Arg::U64(c0 as u64), Arg::U64(cc as u64), Arg::U64(splits as u64)]
-            };
             let splits = if inner == 1 {
                 let bx = cc.div_ceil(32);
                 let want = target_blocks.div_ceil(bx).min(outer.div_ceil(8)).clamp(1, max_splits);
@@ -580,8 +584,13 @@ impl Backend for CudaBackend {
                 launch(&self.stream, f, (cc as u32, splits as u32, 1), (256, 1, 1), &args)?;
                 splits
             };
-            let mut args = vec![Arg::U64(partial)];
-            args.extend(args_tail(splits));
+            let args = [
+                Arg::U64(partial),
+                Arg::U64(self.ptr(dbias)),
+                Arg::U64(c0 as u64),
+                Arg::U64(cc as u64),
+                Arg::U64(splits as u64),
+            ];
             self.run(Family::Reduce, "bias_grad_finish", bt, None, cc, &args)?;
             c0 += cc;
         }
@@ -699,8 +708,17 @@ impl Backend for CudaBackend {
         }
         self.enter()?;
         let mut args = vec![Arg::U64(self.ptr(x)), Arg::U64(self.ptr(cols))];
-        let geom = (g.channels, g.height, g.width, g.kernel, g.stride, g.padding, g.out_height, g.out_width);
-        args.extend(Self::geometry_args(images, geom.0, geom.1, geom.2, geom.3, geom.4, Some(geom.5), geom.6, geom.7));
+        args.extend(Self::geometry_args(&[
+            images,
+            g.channels,
+            g.height,
+            g.width,
+            g.kernel,
+            g.stride,
+            g.padding,
+            g.out_height,
+            g.out_width,
+        ]));
         self.run(Family::Conv, "im2col", xt, Some(ct), n, &args)
     }
 
@@ -723,17 +741,17 @@ impl Backend for CudaBackend {
         }
         self.enter()?;
         let mut args = vec![Arg::U64(self.ptr(cols)), Arg::U64(self.ptr(dx))];
-        args.extend(Self::geometry_args(
+        args.extend(Self::geometry_args(&[
             images,
             g.channels,
             g.height,
             g.width,
             g.kernel,
             g.stride,
-            Some(g.padding),
+            g.padding,
             g.out_height,
             g.out_width,
-        ));
+        ]));
         self.run(Family::Conv, "col2im", ct, Some(xt), n, &args)
     }
 
@@ -761,17 +779,16 @@ impl Backend for CudaBackend {
         }
         self.enter()?;
         let mut args = vec![Arg::U64(self.ptr(x)), Arg::U64(self.ptr(y)), Arg::U64(self.ptr(argmax))];
-        args.extend(Self::geometry_args(
+        args.extend(Self::geometry_args(&[
             images,
             g.channels,
             g.height,
             g.width,
             g.kernel,
             g.stride,
-            None,
             g.out_height,
             g.out_width,
-        ));
+        ]));
         self.run(Family::Pool, "maxpool", xt, Some(yt), n, &args)
     }
 
@@ -796,17 +813,16 @@ impl Backend for CudaBackend {
         }
         self.enter()?;
         let mut args = vec![Arg::U64(self.ptr(dy)), Arg::U64(self.ptr(argmax)), Arg::U64(self.ptr(dx))];
-        args.extend(Self::geometry_args(
+        args.extend(Self::geometry_args(&[
             images,
             g.channels,
             g.height,
             g.width,
             g.kernel,
             g.stride,
-            None,
             g.out_height,
             g.out_width,
-        ));
+        ]));
         self.run(Family::Pool, "maxpool_bwd", dt, Some(xt), n, &args)
     }
 
@@ -820,7 +836,8 @@ impl Backend for CudaBackend {
         let blocks = grad.len.div_ceil(256).min(MAX_PARTIAL_BLOCKS).min(self.sm_count as usize * 8);
         let (sums, counts) = (self.scratch + STATS_SUM_OFF as u64, self.scratch + STATS_CNT_OFF as u64);
         let f = self.kernels.get(Family::Reduce, "grad_stats", Some(gt), None)?;
-        let args = [Arg::U64(self.ptr(grad)), Arg::U64(grad.len as u64), Arg::F32(scale), Arg::U64(sums), Arg::U64(counts)];
+        let args =
+            [Arg::U64(self.ptr(grad)), Arg::U64(grad.len as u64), Arg::F32(scale), Arg::U64(sums), Arg::U64(counts)];
         launch(&self.stream, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
         let mut s = vec![0f64; blocks];
         let mut c = vec![0u64; blocks];

@@ -1,6 +1,6 @@
 //! Fully connected layer: `y = x W^T + b`, weight `[O, I]` as in PyTorch.
 
-use super::{Bwd, Fwd, Params};
+use super::{block_count, weight_block, Bwd, Fwd, LayerParams};
 use crate::backend::{Backend, Gemm};
 use crate::error::Result;
 
@@ -24,26 +24,49 @@ impl Linear {
     }
 
     // x: [B, I], W: [O, I], b: [O] -> y: [B, O]
-    pub fn forward<B: Backend>(&self, be: &mut B, p: &Params, io: &Fwd) -> Result<()> {
+    pub fn forward<B: Backend>(&self, be: &mut B, p: &LayerParams, io: &Fwd) -> Result<()> {
         let (i, o, rows) = (self.in_features, self.out_features, io.rows);
-        let w = p.working.slice(self.weight_offset(), o * i);
-        let b = p.working.slice(self.bias_offset(), o);
-        // y = x W^T: op(B) = W^T, W stored [O, I]
-        be.gemm(&Gemm::new(rows, o, i, io.x, w, io.y).b_t(i))?;
-        be.add_bias(io.y, b, rows, o, 1)
+        let d = io.x.dtype;
+        // y[:, o0..o0+on] = x W[o0..o0+on]^T: one block when W is stored in the compute dtype, else blocks of
+        // rows converted into p.widen. Each output is the same f32 dot product over I either way.
+        let per = block_count(p.weight, d, p.widen, i, o)?;
+        let mut o0 = 0;
+        while o0 < o {
+            let on = per.min(o - o0);
+            let (w, ldw) = weight_block(be, p.weight, i, (o0, on), (0, i), d, p.widen)?;
+            // op(B) = W^T: W stored [O, I]; C is a column block of y with leading dimension O.
+            let mut g = Gemm::new(rows, on, i, io.x, w, io.y.slice(o0, (rows - 1) * o + on)).b_t(ldw);
+            g.ldc = o;
+            be.gemm(&g)?;
+            o0 += on;
+        }
+        be.add_bias(io.y, p.bias, rows, o, 1)
     }
 
     // dy: [B, O] -> dW = dy^T x: [O, I], db = sum_rows dy: [O], dx = dy W: [B, I]
-    pub fn backward<B: Backend>(&self, be: &mut B, p: &Params, io: &Bwd) -> Result<()> {
+    pub fn backward<B: Backend>(&self, be: &mut B, p: &LayerParams, io: &Bwd) -> Result<()> {
         let (i, o, rows) = (self.in_features, self.out_features, io.rows);
-        let dw = p.grad.slice(self.weight_offset(), o * i);
-        let db = p.grad.slice(self.bias_offset(), o);
-        // op(A) = dy^T: dy stored [B, O] = [k, m]
-        be.gemm(&Gemm::new(o, i, rows, io.dy, io.x, dw).a_t(o))?;
-        be.bias_grad(io.dy, db, rows, o, 1)?;
+        if let Some(dw) = p.dweight {
+            // op(A) = dy^T: dy stored [B, O] = [k, m]
+            be.gemm(&Gemm::new(o, i, rows, io.dy, io.x, dw).a_t(o))?;
+        }
+        if let Some(db) = p.dbias {
+            be.bias_grad(io.dy, db, rows, o, 1)?;
+        }
         if let Some(dx) = io.dx {
-            let w = p.working.slice(self.weight_offset(), o * i);
-            be.gemm(&Gemm::new(rows, i, o, io.dy, w, dx))?;
+            // dx[:, c0..c0+cn] = dy W[:, c0..c0+cn]: blocks of columns of W when it needs converting.
+            let d = io.dy.dtype;
+            let per = block_count(p.weight, d, p.widen, o, i)?;
+            let mut c0 = 0;
+            while c0 < i {
+                let cn = per.min(i - c0);
+                let (w, ldw) = weight_block(be, p.weight, i, (0, o), (c0, cn), d, p.widen)?;
+                let mut g = Gemm::new(rows, cn, o, io.dy, w, dx.slice(c0, (rows - 1) * i + cn));
+                g.ldb = ldw;
+                g.ldc = i;
+                be.gemm(&g)?;
+                c0 += cn;
+            }
         }
         Ok(())
     }

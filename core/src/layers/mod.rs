@@ -3,9 +3,10 @@
 //! Shapes in comments: `B` rows in the batch, `I`/`O` features in/out, `C`/`OC` channels, `H`/`W` height and
 //! width, `K` kernel size, `P = OH * OW` output positions. Tensors are row-major, images NCHW.
 //!
-//! A layer owns no memory. The trainer hands it [`Fwd`]/[`Bwd`] with buffer handles for this step and a
-//! [`Params`] view of the flat parameter vectors; a layer's parameters are a contiguous range of them
-//! starting at its `param_offset` (weight first, then bias, as PyTorch orders them).
+//! A layer owns no memory. The trainer hands it [`Fwd`]/[`Bwd`] with buffer handles for this step and
+//! [`LayerParams`]: explicit views of its weight and bias (trainable working copy, or frozen storage) and of
+//! their gradients (`None` for a frozen tensor). In the model's flat parameter order a layer's parameters are a
+//! contiguous range starting at its `param_offset` (weight first, then bias, as PyTorch orders them).
 
 mod conv2d;
 mod flatten;
@@ -65,12 +66,88 @@ impl core::fmt::Display for Shape {
     }
 }
 
-/// The flat parameter vectors of the model: the working copy the forward pass reads (compute dtype) and the
-/// f32 gradients the backward pass writes.
+/// One layer's parameters as it reads and writes them.
+///
+/// `weight` and `bias` are the trainable working copy (compute dtype), the f32 master weights (a float32 layer
+/// under a mixed policy), or frozen storage in any float dtype. Matrix products need the weight in the compute
+/// dtype: a weight stored otherwise is converted a block at a time into `widen` (exact when widening), so a
+/// bf16-stored frozen weight never needs an f32 copy of its whole size. `add_bias` reads any dtype directly.
 #[derive(Clone, Copy, Debug)]
-pub struct Params {
-    pub working: Buf,
-    pub grad: Buf,
+pub struct LayerParams {
+    /// Linear `[O, I]`, Conv2d `[OC, C*K*K]`.
+    pub weight: Buf,
+    /// `[O]` / `[OC]`.
+    pub bias: Buf,
+    /// f32 weight gradient to overwrite; `None`: the weight is frozen.
+    pub dweight: Option<Buf>,
+    /// f32 bias gradient to overwrite; `None`: the bias is frozen.
+    pub dbias: Option<Buf>,
+    /// Conversion scratch in the compute dtype, holding at least one row and one column of the weight; empty
+    /// when the weight is stored in the compute dtype.
+    pub widen: Buf,
+}
+
+impl LayerParams {
+    /// For layers without parameters.
+    pub const NONE: LayerParams =
+        LayerParams { weight: Buf::EMPTY, bias: Buf::EMPTY, dweight: None, dbias: None, widen: Buf::EMPTY };
+}
+
+/// Elements of conversion scratch a weight `[rows, cols]` stored in another dtype than its layer computes in
+/// asks for: a block of about this many elements, and never less than one row or one column.
+pub const WIDEN_BLOCK: usize = 1024;
+
+/// Elements of `widen` scratch for a `[rows, cols]` weight: see [`WIDEN_BLOCK`].
+pub const fn widen_len(rows: usize, cols: usize) -> usize {
+    let want = if WIDEN_BLOCK > rows { WIDEN_BLOCK } else { rows };
+    let want = if want > cols { want } else { cols };
+    if want < rows * cols {
+        want
+    } else {
+        rows * cols
+    }
+}
+
+/// How many rows (or columns, with `per = rows`) of `[_, per]` elements fit one block of `p.widen`, or all
+/// `total` when `w` needs no conversion to `dtype`.
+fn block_count(w: Buf, dtype: crate::dtype::DType, widen: Buf, per: usize, total: usize) -> Result<usize> {
+    if w.dtype == dtype {
+        return Ok(total);
+    }
+    let fit = widen.bytes() / dtype.size() / per.max(1);
+    if fit == 0 {
+        return Err(crate::error::Error::InvalidConfig(
+            "internal: a weight stored in another dtype reached a layer without conversion scratch",
+        ));
+    }
+    Ok(fit.min(total))
+}
+
+/// Rows `r0..r0 + rn`, columns `c0..c0 + cn` of the row-major matrix `w: [_, cols]`, in `dtype`: a view into
+/// `w` itself when it is stored in `dtype` (leading dimension `cols`), else a copy packed `[rn, cn]` in `widen`
+/// (leading dimension `cn`). Returns the view and its leading dimension.
+#[allow(clippy::too_many_arguments)]
+fn weight_block<B: Backend>(
+    be: &mut B,
+    w: Buf,
+    cols: usize,
+    (r0, rn): (usize, usize),
+    (c0, cn): (usize, usize),
+    dtype: crate::dtype::DType,
+    widen: Buf,
+) -> Result<(Buf, usize)> {
+    if w.dtype == dtype {
+        return Ok((w.slice(r0 * cols + c0, (rn - 1) * cols + cn), cols));
+    }
+    let dst = crate::plan::retype(widen, dtype, rn * cn);
+    if cn == cols {
+        be.cast(w.slice(r0 * cols, rn * cols), dst)?;
+    } else {
+        for r in 0..rn {
+            be.cast(w.slice((r0 + r) * cols + c0, cn), dst.slice(r * cn, cn))?;
+        }
+    }
+    Ok((dst, cn))
 }
 
 /// A forward call: `y = layer(x)` for `rows` samples.
@@ -197,7 +274,7 @@ impl Layer {
         }
     }
 
-    pub fn forward<B: Backend>(&self, be: &mut B, p: &Params, io: &Fwd) -> Result<()> {
+    pub fn forward<B: Backend>(&self, be: &mut B, p: &LayerParams, io: &Fwd) -> Result<()> {
         match self {
             Layer::Linear(l) => l.forward(be, p, io),
             Layer::Relu(l) => l.forward(be, io),
@@ -208,7 +285,7 @@ impl Layer {
         }
     }
 
-    pub fn backward<B: Backend>(&self, be: &mut B, p: &Params, io: &Bwd) -> Result<()> {
+    pub fn backward<B: Backend>(&self, be: &mut B, p: &LayerParams, io: &Bwd) -> Result<()> {
         match self {
             Layer::Linear(l) => l.backward(be, p, io),
             Layer::Relu(l) => l.backward(be, io),
@@ -221,15 +298,24 @@ impl Layer {
         }
     }
 
-    /// Fills this layer's parameters with PyTorch's default initialisation (uniform in
-    /// `+-1/sqrt(fan_in)` for weight and bias), drawing from `rng`, into the f32 master vector.
-    pub fn init<B: Backend>(&self, be: &mut B, master: Buf, rng: &mut crate::rng::Rng) -> Result<()> {
+    /// The bound of PyTorch's default initialisation for this layer's weight and bias: `1/sqrt(fan_in)`
+    /// (`None` for layers without parameters).
+    pub fn init_bound(&self) -> Option<f32> {
         let fan_in = match self {
             Layer::Linear(l) => l.in_features,
             Layer::Conv2d(l) => l.geom.col_rows(),
-            _ => return Ok(()),
+            _ => return None,
         };
-        let bound = 1.0 / libm::sqrtf(fan_in as f32);
+        Some(1.0 / libm::sqrtf(fan_in as f32))
+    }
+
+    /// Fills this layer's parameters with PyTorch's default initialisation (uniform in
+    /// `+-1/sqrt(fan_in)` for weight and bias), drawing from `rng`, into the f32 master vector (in the model's
+    /// flat parameter order).
+    pub fn init<B: Backend>(&self, be: &mut B, master: Buf, rng: &mut crate::rng::Rng) -> Result<()> {
+        let Some(bound) = self.init_bound() else {
+            return Ok(());
+        };
         let (start, len) = match self {
             Layer::Linear(l) => (l.param_offset, l.param_len()),
             Layer::Conv2d(l) => (l.param_offset, l.param_len()),

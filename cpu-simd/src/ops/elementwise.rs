@@ -34,7 +34,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 0.166_666_65;
-    p = p * r + 0.500_000_01;
+    p = p * r + 0.5; // Cephes: 5.0000001201e-1, which rounds to 0.5 in f32
     let y = p * (r * r) + r + 1.0;
     y * f32::from_bits(((ni + 127) as u32) << 23)
 }

@@ -1,4 +1,5 @@
 //! The non-GEMM operations of a training step, one file per op family: [`convert`] (loads, stores, casts),
+//! [`conv`] (im2col),
 //! [`elementwise`] (fill, bias, activations), [`softmax`] (the loss head), [`optim`] (gradient statistics and
 //! the fused optimizer updates).
 //!
@@ -11,6 +12,7 @@
 //! an FMA), so most ops are bit-exact with it; the exceptions (vectorised reductions, `exp`) are listed in
 //! `tests/backends.rs` with their tolerances.
 
+pub(crate) mod conv;
 pub(crate) mod convert;
 pub(crate) mod elementwise;
 pub(crate) mod optim;

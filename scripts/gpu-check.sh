@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Every GPU step of mantissa-cuda, the same way each time.
+#
+#   bash scripts/gpu-check.sh build   # here (no CUDA needed): release build of the examples and the cuda tests,
+#                                     # binaries copied (stripped) into .gpu/
+#   bash scripts/gpu-check.sh run     # on the GPU machine, with .gpu/ carried over: nvidia-smi, every cuda test
+#                                     # binary with --include-ignored, mnist on the cuda backend, the step timing.
+#                                     # Logs go to $OUT (or ./gpu-out): nvidia-smi.txt, tests.log, mnist.log,
+#                                     # timing.log, summary.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+build() {
+    set -e
+    cargo build --release --features cuda --examples
+    rm -rf .gpu && mkdir -p .gpu/tests
+    # The test executables of mantissa-cuda, by target name (ops, train, timing, nvrtc, no_gpu).
+    cargo test --release -p mantissa-cuda --no-run --message-format=json \
+        | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do cp "$exe" ".gpu/tests/$name"; done
+    cp target/release/examples/mnist .gpu/mnist
+    strip .gpu/mnist .gpu/tests/* 2>/dev/null || true
+    ls -la .gpu .gpu/tests
+    du -sh .gpu
+}
+
+run() {
+    local out="${OUT:-gpu-out}"
+    mkdir -p "$out"
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}
+    nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
+
+    : >"$out/tests.log"
+    for t in no_gpu nvrtc ops train; do
+        [ -x ".gpu/tests/$t" ] || { echo "missing .gpu/tests/$t (run: bash scripts/gpu-check.sh build)" | tee -a "$out/tests.log"; continue; }
+        echo "=== $t" | tee -a "$out/tests.log"
+        timeout 300 ".gpu/tests/$t" --include-ignored --nocapture --test-threads=4 >>"$out/tests.log" 2>&1
+        echo "=== $t exit $?" | tee -a "$out/tests.log"
+    done
+
+    : >"$out/mnist.log"
+    for args in "--model mlp --policy float32" "--model mlp --policy mixed_bfloat16" "--model mlp --policy mixed_float16" \
+        "--model cnn --policy mixed_bfloat16" "--model cnn --policy float32"; do
+        echo "=== mnist $args" | tee -a "$out/mnist.log"
+        # shellcheck disable=SC2086
+        timeout 240 .gpu/mnist --backend cuda --data data $args >>"$out/mnist.log" 2>&1
+        echo "=== exit $?" | tee -a "$out/mnist.log"
+    done
+
+    : >"$out/timing.log"
+    if [ -x .gpu/tests/timing ]; then
+        timeout 240 .gpu/tests/timing --include-ignored --nocapture --test-threads=1 >>"$out/timing.log" 2>&1
+        echo "=== timing exit $?" >>"$out/timing.log"
+    fi
+
+    {
+        echo "--- tests"
+        grep -E "^=== |^test result|^test .* (FAILED|ok)$|panicked" "$out/tests.log"
+        echo "--- mnist"
+        grep -E "^=== |^result:|^error|^note" "$out/mnist.log"
+        echo "--- timing"
+        grep -E "^timing:|panicked|=== timing" "$out/timing.log"
+    } | tee "$out/summary.txt"
+}
+
+case "${1:-}" in
+build) build ;;
+run) run ;;
+*)
+    echo "usage: $0 build|run" >&2
+    exit 2
+    ;;
+esac
