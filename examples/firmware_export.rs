@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().map(String::as_str).unwrap_or("");
     let r = match mode {
-        "" => export(Path::new(ASSETS)).and_then(|_| replay(Path::new(ASSETS))),
+        "" => export(Path::new(ASSETS)),
         "--replay" => replay(Path::new(ASSETS)),
         "--check" => check(),
         _ => Err(format!("unknown argument {mode:?}: use no argument, --replay or --check").into()),
@@ -187,14 +187,22 @@ fn export(dir: &Path) -> Res<()> {
     mantissa::io::write_atomic(&dir.join("model.bin"), &a.model)?;
     mantissa::io::write_atomic(&dir.join("data.bin"), &a.data)?;
     println!("checkpoint: {}", a.checkpoint.display());
-    println!("wrote {} ({} bytes) and {} ({} bytes)", dir.join("model.bin").display(), a.model.len(), dir.join("data.bin").display(), a.data.len());
+    println!(
+        "wrote {} ({} bytes) and {} ({} bytes)",
+        dir.join("model.bin").display(),
+        a.model.len(),
+        dir.join("data.bin").display(),
+        a.data.len()
+    );
     let r = run(&a.model, &a.data)?;
     let expected = format!(
         "// Written by `cargo run --release --example firmware_export`: the host's run of the same fine-tuning.\n\
          pub const HOST_CHECKSUM: u64 = 0x{:016x};\n\
          pub const HOST_CORRECT_BEFORE: usize = {};\n\
-         pub const HOST_CORRECT_AFTER: usize = {};\n",
-        r.checksum, r.before, r.after
+         pub const HOST_CORRECT_AFTER: usize = {};\n\
+         /// The memory plan's total for this scenario: the firmware's static arena.\n\
+         pub const PLAN_TOTAL: usize = {};\n",
+        r.checksum, r.before, r.after, r.plan_total
     );
     mantissa::io::write_atomic(&dir.join("expected.rs"), expected.as_bytes())?;
     Ok(())
@@ -206,7 +214,9 @@ fn check() -> Res<()> {
     for (name, bytes) in [("model.bin", &a.model), ("data.bin", &a.data)] {
         let committed = std::fs::read(Path::new(ASSETS).join(name))?;
         if &committed != bytes {
-            return Err(format!("{name}: the committed asset differs from a fresh export (rerun firmware_export)").into());
+            return Err(
+                format!("{name}: the committed asset differs from a fresh export (rerun firmware_export)").into()
+            );
         }
         println!("{name}: reproduced bit for bit ({} bytes)", bytes.len());
     }
@@ -214,6 +224,7 @@ fn check() -> Res<()> {
 }
 
 struct Outcome {
+    plan_total: usize,
     before: usize,
     after: usize,
     checksum: u64,
@@ -233,7 +244,8 @@ fn run(model_blob: &[u8], data_blob: &[u8]) -> Res<Outcome> {
     let data = DataBlob::parse(data_blob)?;
     scenario::load(&mut t, &blob)?;
     println!("policy {policy} ({why})");
-    println!("{}", mantissa::plan::SideBySide(&[("full", full), ("partial", plan)]));
+    let f32_frozen = MemoryPlan::for_config(&model, policy, &opt, &cfg.frozen_storage(mantissa::DType::F32))?;
+    println!("{}", mantissa::plan::SideBySide(&[("full", full), ("partial f32", f32_frozen), ("partial bf16", plan)]));
     let n_test = data.len(Split::Test);
     let before = scenario::correct(&mut t, &data, Split::Test)?;
     let clean_before = scenario::correct(&mut t, &data, Split::Clean)?;
@@ -246,7 +258,7 @@ fn run(model_blob: &[u8], data_blob: &[u8]) -> Res<Outcome> {
     let nc = data.len(Split::Clean);
     println!("host: clean held-out accuracy before {:.1}%, after {:.1}%", pct(clean_before, nc), pct(clean_after, nc));
     println!("host: checksum=0x{checksum:016x}");
-    Ok(Outcome { before, after, checksum })
+    Ok(Outcome { plan_total: plan.total, before, after, checksum })
 }
 
 fn replay(dir: &Path) -> Res<()> {

@@ -14,7 +14,7 @@ available=$(env -u MANTISSA_KERNEL "${run[@]}" -- --exact list_kernels --nocaptu
 echo "kernels available on this CPU: ${available:-none}"
 
 failed=()
-for kernel in scalar avx2 avx512 avx512bf16; do
+for kernel in scalar avx2 avx512 avx512bf16 amx; do
     if [[ " $available " != *" $kernel "* ]]; then
         echo "== $kernel: skipped (this CPU lacks it)"
         continue

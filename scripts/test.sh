@@ -38,6 +38,7 @@ fi
 check "cargo build --release --features cuda (no CUDA needed)" cargo build --release --features cuda --examples
 check "mantissa-core with defmt for thumbv7em-none-eabihf" \
     cargo build -p mantissa-core --features defmt --target thumbv7em-none-eabihf --release
+check "firmware under QEMU (Cortex-M4F fine-tuning, budgets, host checksum)" bash scripts/firmware.sh
 
 # Sum cargo's per-binary results: "test result: ok. 12 passed; 0 failed; ..."
 read -r tests_passed tests_failed < <(awk '/^test result:/ {

@@ -231,6 +231,12 @@ impl Backend for AnyBackend<'_> {
     fn adamw_step(&mut self, p: &ParamBufs, s: &AdamWStep) -> Result<()> {
         dispatch!(self, b => b.adamw_step(p, s))
     }
+    fn count_underflow(&mut self, src: Buf, dtype: mantissa_core::DType) -> Result<(usize, usize)> {
+        dispatch!(self, b => b.count_underflow(src, dtype))
+    }
+    fn argmax(&mut self, logits: Buf, rows: usize, classes: usize, out: &mut [u32]) -> Result<()> {
+        dispatch!(self, b => b.argmax(logits, rows, classes, out))
+    }
     fn synchronize(&mut self) -> Result<()> {
         dispatch!(self, b => b.synchronize())
     }

@@ -10,6 +10,9 @@ pub mod checkpoint;
 /// The SIMD CPU backend's crate (kernels, `SimdBackend`), for benchmarks and direct use.
 #[cfg(feature = "simd")]
 pub use mantissa_cpu_simd as cpu_simd;
+/// The CUDA backend's crate (`CudaBackend`), for benchmarks and direct use.
+#[cfg(feature = "cuda")]
+pub use mantissa_cuda as cuda;
 #[cfg(feature = "std")]
 pub mod data;
 #[cfg(feature = "std")]

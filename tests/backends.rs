@@ -693,7 +693,7 @@ macro_rules! backend_tests {
 backend_tests!(reference => BackendKind::Reference, cpu_simd => BackendKind::CpuSimd);
 
 /// The kernel names `MANTISSA_KERNEL` accepts, slowest first.
-const KERNELS: [&str; 4] = ["scalar", "avx2", "avx512", "avx512bf16"];
+const KERNELS: [&str; 5] = ["scalar", "avx2", "avx512", "avx512bf16", "amx"];
 
 /// Prints `kernels: <name> ...` for the kernels this CPU runs (`scripts/test-kernels.sh` reads the line).
 #[test]

@@ -346,6 +346,33 @@ pub trait Backend {
         Ok((flushed, non_zero))
     }
 
+    /// Writes the arg-max class of each row of `logits: [rows, classes]` into `out` (`out.len() == rows`);
+    /// ties go to the lowest index, NaN never wins. The provided version reads the logits back in small
+    /// chunks; a device backend overrides it so that only `rows` indices cross the bus.
+    fn argmax(&mut self, logits: Buf, rows: usize, classes: usize, out: &mut [u32]) -> Result<()> {
+        if out.len() != rows {
+            return Err(crate::error::Error::ShapeMismatch { what: "argmax output", expected: rows, got: out.len() });
+        }
+        let mut chunk = [0.0f32; 256];
+        for (r, o) in out.iter_mut().enumerate() {
+            let (mut best, mut best_j) = (f32::NEG_INFINITY, 0);
+            let mut j = 0;
+            while j < classes {
+                let n = chunk.len().min(classes - j);
+                self.download(logits.slice(r * classes + j, n), &mut chunk[..n])?;
+                for (k, &v) in chunk[..n].iter().enumerate() {
+                    if v > best {
+                        best = v;
+                        best_j = j + k;
+                    }
+                }
+                j += n;
+            }
+            *o = best_j as u32;
+        }
+        Ok(())
+    }
+
     /// Waits for queued work to finish (a no-op on synchronous backends).
     fn synchronize(&mut self) -> Result<()> {
         Ok(())

@@ -15,10 +15,10 @@ fn data(rows: usize, features: usize, classes: u32, seed: u64) -> (Vec<f32>, Vec
     (x, y)
 }
 
-/// An MLP whose first weight (300 x 40 = 12000 elements) is larger than one conversion block, so bf16 storage
-/// is widened in several blocks, forward (rows) and backward (columns).
+/// An MLP whose first two weights (40 x 300, 60 x 40) are larger than one conversion block, so bf16 storage is
+/// widened in several blocks: forward by rows, and backward (BiasOnly, through the second) by columns.
 fn mlp() -> Model {
-    Model::sequential(Shape::flat(300)).linear(40).relu().linear(24).gelu().linear(5).build().unwrap()
+    Model::sequential(Shape::flat(300)).linear(40).relu().linear(60).gelu().linear(5).build().unwrap()
 }
 
 fn cnn() -> Model {
@@ -223,8 +223,13 @@ fn partial_plans_are_exact_and_smaller() {
         }
     }
     let full = MemoryPlan::new(&mlp(), Policy::FLOAT32, &opt, 16).unwrap();
-    let last = MemoryPlan::for_config(&mlp(), Policy::FLOAT32, &opt, &TrainConfig::new(16, Policy::FLOAT32).trainable(Trainable::LastLayers(1)))
-        .unwrap();
+    let last = MemoryPlan::for_config(
+        &mlp(),
+        Policy::FLOAT32,
+        &opt,
+        &TrainConfig::new(16, Policy::FLOAT32).trainable(Trainable::LastLayers(1)),
+    )
+    .unwrap();
     let table = SideBySide(&[("full", full), ("last layer", last)]).to_string();
     println!("{table}");
     assert!(table.lines().any(|l| l.starts_with("| total") && l.contains(&format!("{}", last.total % 1000))));

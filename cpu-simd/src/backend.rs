@@ -58,13 +58,20 @@ impl From<crate::Error> for Error {
     fn from(e: crate::Error) -> Error {
         match e {
             crate::Error::UnknownKernel => {
-                Error::InvalidConfig("MANTISSA_KERNEL names no known kernel (scalar, avx2, avx512, avx512bf16)")
+                Error::InvalidConfig("MANTISSA_KERNEL names no known kernel (scalar, avx2, avx512, avx512bf16, amx)")
             }
             crate::Error::KernelUnavailable(id) => Error::DeviceUnavailable(match id {
                 KernelId::Scalar => "the scalar kernel is unavailable",
                 KernelId::Avx2 => "MANTISSA_KERNEL=avx2 but this CPU lacks AVX2, FMA or F16C",
                 KernelId::Avx512 => "MANTISSA_KERNEL=avx512 but this CPU lacks AVX-512F",
                 KernelId::Avx512Bf16 => "MANTISSA_KERNEL=avx512bf16 but this CPU lacks AVX512_BF16",
+                KernelId::Amx => "MANTISSA_KERNEL=amx but this CPU or OS lacks AMX-BF16 (or tile permission)",
+                #[cfg(target_arch = "aarch64")]
+                KernelId::Neon => "the NEON kernel is unavailable",
+                #[cfg(target_arch = "aarch64")]
+                KernelId::NeonFhm => "MANTISSA_KERNEL=neon-fhm but this CPU lacks FEAT_FP16 or FEAT_FHM",
+                #[cfg(target_arch = "aarch64")]
+                KernelId::NeonBf16 => "MANTISSA_KERNEL=neon-bf16 but this CPU lacks FEAT_BF16 or FEAT_FHM",
             }),
             _ => Error::InvalidConfig("cpu-simd GEMM rejected its operands"),
         }

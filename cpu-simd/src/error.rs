@@ -33,7 +33,7 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::UnknownKernel => write!(f, "unknown kernel name (expected scalar, avx2, avx512 or avx512bf16)"),
+            Error::UnknownKernel => write!(f, "unknown kernel name (expected scalar, avx2, avx512, avx512bf16 or amx)"),
             Error::KernelUnavailable(id) => {
                 write!(f, "kernel `{}` is not supported by this CPU", id.name())
             }

@@ -7,6 +7,12 @@
 //! - f32 accumulation (all input types; 16-bit inputs are generated exactly
 //!   representable, so the f64 reference sees the same values): |err| <= 1e-5 * sqrt(k) * scale.
 //! - 16-bit C additionally: one ulp of the output type at |ref| (rounding is 1/2 ulp).
+//! - bf16 on the dot-product kernels (`avx512bf16`, `amx`): products and partial sums below 2^-126 flush to
+//!   zero (DAZ/FTZ), up to k * 2^-126 * |alpha| in all. (The generated inputs, multiples of 2^-10, never reach
+//!   that range; `bf16_subnormals_flush_on_dot_kernels` checks the flushing itself.)
+//! - AArch64 (`neon`, `neon-fhm`, `neon-bf16`): the f32 tolerance above for every dtype. FMLAL (f16) and
+//!   BFMLALB/T (bf16) are IEEE fused multiply-adds of exact products, not the round-to-odd, subnormal-flushing
+//!   BFDOT/BFMMLA, so `arm_16bit_kernels_match_neon_bitwise` asserts they equal the f32 NEON kernel exactly.
 //!
 //! `MANTISSA_KERNEL=<name> cargo test -p mantissa-cpu-simd` also checks that the forced
 //! kernel exists on this CPU and is the one `detect()` returns.
@@ -155,6 +161,7 @@ fn check_all<TI: Elem, TC: Elem>(label: &str, out_mantissa: Option<i32>, call: &
                                 let r = refc[i * n + j];
                                 let tol = 1e-5 * (k as f64).sqrt() * scale[i * n + j]
                                     + out_mantissa.map_or(0.0, |mb| ulp(r, mb))
+                                    + k as f64 * f32::MIN_POSITIVE as f64 * (alpha as f64).abs()
                                     + 1e-30;
                                 let err = (got - r).abs();
                                 assert!(
@@ -315,6 +322,9 @@ fn detect_from_names() {
     assert_eq!(detect_from(Some("scalar")).unwrap().id(), KernelId::Scalar);
     assert_eq!(detect_from(Some(" AVX2 ")).map(|k| k.id()), Kernel::new(KernelId::Avx2).map(|k| k.id()));
     assert_eq!(detect_from(Some("sse9")), Err(Error::UnknownKernel));
+    // NEON is part of the AArch64 base ISA: always there, names parse case-insensitively.
+    #[cfg(target_arch = "aarch64")]
+    assert_eq!(detect_from(Some(" NEON ")).unwrap().id(), KernelId::Neon);
     assert_eq!(detect_from(None).unwrap(), Kernel::best());
     for id in KernelId::ALL {
         assert_eq!(KernelId::from_name(id.name()), Some(id));
@@ -461,4 +471,97 @@ fn caller_scratch_no_alloc_path() {
         );
         assert!(matches!(e, Err(Error::ScratchTooSmall { .. })));
     }
+}
+
+/// The bf16 dot-product instructions (`vdpbf16ps` on `avx512bf16`, `tdpbf16ps` on `amx`) treat subnormal
+/// inputs as zero and flush subnormal results to zero, whatever MXCSR says; the widening kernels multiply in
+/// f32 and keep both.
+#[test]
+fn bf16_subnormals_flush_on_dot_kernels() {
+    let p = |e: i32| bf16::from_f32(2f32.powi(e));
+    // Subnormal input (2^-130) times 2^10: 2^-120, a normal result the input flush turns into 0.
+    // Normal inputs 2^-64 * 2^-64: 2^-128, a subnormal result.
+    for (a, b, exact) in [(p(-130), p(10), 2f32.powi(-120)), (p(-64), p(-64), 2f32.powi(-128))] {
+        for kernel in kernels() {
+            let dot = matches!(kernel.id(), KernelId::Avx512Bf16 | KernelId::Amx);
+            for (m, n, k) in [(1, 1, 1), (40, 40, 70)] {
+                // A = a on its first column, B = b on its first row, zero elsewhere: every C is a * b.
+                let av: Vec<bf16> = (0..m * k).map(|i| if i % k == 0 { a } else { bf16::ZERO }).collect();
+                let bv: Vec<bf16> = (0..k * n).map(|i| if i < n { b } else { bf16::ZERO }).collect();
+                let mut c = vec![f32::NAN; m * n];
+                gemm(
+                    kernel,
+                    1,
+                    1.0,
+                    MatRef::row_major(&av, m, k),
+                    MatRef::row_major(&bv, k, n),
+                    0.0,
+                    MatMut::row_major(&mut c, m, n),
+                )
+                .unwrap();
+                let want = if dot { 0.0 } else { exact };
+                assert!(c.iter().all(|&x| x == want), "{} m={m}: {a} * {b} gave {}, want {want}", kernel.name(), c[0]);
+            }
+        }
+    }
+}
+
+/// Prints `kernels: <name> ...`, the kernels every test above ran on this CPU (`scripts/test-aarch64.sh`
+/// reads the line to check that emulated CPUs expose the expected kernels).
+#[test]
+fn list_kernels() {
+    let names: Vec<&str> = available_kernels().into_iter().map(|id| id.name()).collect();
+    println!("kernels: {}", names.join(" "));
+}
+
+/// The AArch64 16-bit kernels against the f32 NEON kernel on the same data: FMLAL and BFMLALB/T are fused
+/// multiply-adds of products exact in f32, in the NEON kernel's k order and cache blocks, so every element of
+/// C must be equal, not merely close. Inputs span 2^-70..2^10 (bf16: subnormal f32 products; f16: its own
+/// subnormals), so a flush to zero or a round-to-odd step (BFDOT/BFMMLA) would show.
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn arm_16bit_kernels_match_neon_bitwise() {
+    fn wide<T: Elem>(rng: &mut Rng, len: usize, min_exp: i32) -> Vec<T> {
+        (0..len)
+            .map(|_| {
+                let m = rng.next();
+                let e = min_exp + ((rng.next() + 1.0) * 0.5 * (10 - min_exp) as f32) as i32;
+                T::from_f32(m * 2f32.powi(e))
+            })
+            .collect()
+    }
+    fn run<TI: Elem, TC: Elem>(label: &str, min_exp: i32, fast: &[KernelId]) {
+        let neon = Kernel::new(KernelId::Neon).unwrap();
+        let mut rng = Rng(11);
+        for &(m, n, k) in &[(1, 1, 1), (8, 12, 2), (63, 65, 67), (17, 30, 700)] {
+            for combo in 0..4 {
+                let (ta, tb) = (combo & 1 == 1, combo & 2 == 2);
+                let a = wide::<TI>(&mut rng, m * k, min_exp);
+                let b = wide::<TI>(&mut rng, k * n, min_exp);
+                let av = if ta { MatRef::col_major(&a, m, k) } else { MatRef::row_major(&a, m, k) };
+                let bv = if tb { MatRef::col_major(&b, k, n) } else { MatRef::row_major(&b, k, n) };
+                let c0: Vec<TC> = wide(&mut rng, m * n, -10);
+                let mut want = c0.clone();
+                gemm(neon, 2, 0.75, av, bv, -1.5, MatMut::row_major(&mut want, m, n)).unwrap();
+                for &id in fast {
+                    let Ok(kernel) = Kernel::new(id) else { continue };
+                    let mut got = c0.clone();
+                    gemm(kernel, 2, 0.75, av, bv, -1.5, MatMut::row_major(&mut got, m, n)).unwrap();
+                    for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+                        let (g, w) = (g.to_f32(), w.to_f32());
+                        assert!(
+                            g == w || (g.is_nan() && w.is_nan()),
+                            "{label} {}: m={m} n={n} k={k} ta={ta} tb={tb}: C[{idx}] = {g:e}, neon {w:e}",
+                            kernel.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let (fhm, bf) = (KernelId::NeonFhm, KernelId::NeonBf16);
+    run::<f16, f32>("f16->f32", -14, &[fhm, bf]);
+    run::<f16, f16>("f16->f16", -14, &[fhm, bf]);
+    run::<bf16, f32>("bf16->f32", -70, &[bf]);
+    run::<bf16, bf16>("bf16->bf16", -70, &[bf]);
 }

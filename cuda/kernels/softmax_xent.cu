@@ -51,3 +51,26 @@ extern "C" __global__ void softmax_xent_finish(const float* partial, u64 parts, 
         softmax_xent_impl(logits, labels, rows, classes, dlogits, g, partial, bad);                          \
     }
 FOR_FLOAT_PAIR(SOFTMAX_XENT)
+
+// out[r] = the first index of the largest logit of row r (NaN never wins), one thread per row.
+template <typename L>
+__device__ void argmax_impl(const L* logits, u64 rows, u64 classes, int* out) {
+    for (u64 r = gtid(); r < rows; r += gstride()) {
+        float best = -INFINITY;
+        int best_j = 0;
+        for (u64 j = 0; j < classes; j++) {
+            const float v = ld(logits, r * classes + j);
+            if (v > best) {
+                best = v;
+                best_j = (int)j;
+            }
+        }
+        out[r] = best_j;
+    }
+}
+
+#define ARGMAX(n, T)                                                                                         \
+    extern "C" __global__ void argmax_##n(const T* logits, u64 rows, u64 classes, int* out) {               \
+        argmax_impl(logits, rows, classes, out);                                                             \
+    }
+FOR_FLOAT(ARGMAX)

@@ -215,6 +215,11 @@ impl CudaBackend {
         })
     }
 
+    /// Device bytes this backend holds: the arena plus the cuBLAS workspace and op scratch (one allocation).
+    pub fn device_bytes(&self) -> usize {
+        self.capacity.div_ceil(256) * 256 + WORKSPACE_BYTES + SCRATCH_BYTES
+    }
+
     /// The GPU's compute capability, `(major, minor)`: `(9, 0)` on an H100/H200.
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
@@ -824,6 +829,33 @@ impl Backend for CudaBackend {
             g.out_width,
         ]));
         self.run(Family::Pool, "maxpool_bwd", dt, Some(xt), n, &args)
+    }
+
+    fn argmax(&mut self, logits: Buf, rows: usize, classes: usize, out: &mut [u32]) -> Result<()> {
+        self.check(logits, "argmax logits")?;
+        let lt = Self::float(logits, "argmax")?;
+        if out.len() != rows {
+            return Err(Error::ShapeMismatch { what: "argmax output", expected: rows, got: out.len() });
+        }
+        if logits.len < rows * classes {
+            return Err(Error::ShapeMismatch { what: "argmax logits", expected: rows * classes, got: logits.len });
+        }
+        if rows * 4 > BIG_BYTES {
+            return Err(Error::InvalidConfig("argmax: more rows than the scratch area holds"));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        self.enter()?;
+        let dst = self.scratch + BIG_OFF as u64;
+        let args = [Arg::U64(self.ptr(logits)), Arg::U64(rows as u64), Arg::U64(classes as u64), Arg::U64(dst)];
+        self.run(Family::SoftmaxXent, "argmax", lt, None, rows, &args)?;
+        let mut idx = vec![0i32; rows];
+        self.dtoh(&mut idx, dst)?;
+        for (o, i) in out.iter_mut().zip(idx) {
+            *o = i as u32;
+        }
+        Ok(())
     }
 
     fn grad_stats(&mut self, grad: Buf, scale: f32) -> Result<GradStats> {

@@ -39,8 +39,8 @@ impl ScratchLayout {
     }
 }
 
-/// Largest MR x NR of any micro-kernel, for the edge-tile buffer.
-const MAX_TILE: usize = 14 * 32;
+/// Largest MR x NR of any micro-kernel (AMX: 32 x 32), for the edge-tile buffer.
+const MAX_TILE: usize = 32 * 32;
 
 /// Single-threaded GEMM of `t` with micro-kernel `M`.
 ///

@@ -7,9 +7,11 @@
 //!
 //! Layers, outer to inner: the entry points here (shape checks, threads, scratch),
 //! `driver` (cache blocking and packing, generic), and one micro-kernel per
-//! instruction set (`scalar`, `avx2`, `avx512`, `avx512bf16`), each a zero-sized
+//! instruction set (`scalar`, `avx2`, `avx512`, `avx512bf16`, `amx`), each a zero-sized
 //! type whose `#[target_feature]` entry point instantiates the generic driver.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -18,13 +20,19 @@ mod avx512;
 mod avx512bf16;
 mod driver;
 mod f16c;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(target_arch = "aarch64")]
+mod neon_bf16;
+#[cfg(target_arch = "aarch64")]
+mod neon_fp16;
 mod pack;
 mod scalar;
 
 use half::{bf16, f16};
 
 use crate::detect::Kernel;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::detect::KernelId;
 use crate::error::{Error, Operand};
 
@@ -211,9 +219,14 @@ pub(crate) fn scratch_of<M: Micro, TC: Elem>(m: usize, n: usize, k: usize) -> us
     ScratchLayout::new::<M>(m, n, k, !matches!(TC::KIND, ElemKind::F32)).total
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) fn is_bf16<T: Elem>() -> bool {
     matches!(T::KIND, ElemKind::Bf16)
+}
+
+#[cfg(target_arch = "aarch64")]
+pub(crate) fn is_f16<T: Elem>() -> bool {
+    matches!(T::KIND, ElemKind::F16)
 }
 
 /// Runs `$body` with `$K` bound to the kernel type of `$kernel`.
@@ -235,7 +248,27 @@ macro_rules! dispatch {
                 type $K = avx512bf16::Avx512Bf16;
                 $body
             }
-            // Off x86_64 no other `Kernel` can be constructed.
+            #[cfg(target_arch = "x86_64")]
+            KernelId::Amx => {
+                type $K = amx::Amx;
+                $body
+            }
+            #[cfg(target_arch = "aarch64")]
+            KernelId::Neon => {
+                type $K = neon::Neon;
+                $body
+            }
+            #[cfg(target_arch = "aarch64")]
+            KernelId::NeonFhm => {
+                type $K = neon_fp16::NeonFhm;
+                $body
+            }
+            #[cfg(target_arch = "aarch64")]
+            KernelId::NeonBf16 => {
+                type $K = neon_bf16::NeonBf16;
+                $body
+            }
+            // No other `Kernel` can be constructed on this architecture.
             #[allow(unreachable_patterns)]
             _ => {
                 type $K = scalar::Scalar;
@@ -508,8 +541,9 @@ macro_rules! half_gemm {
 half_gemm!(
     /// `C = alpha * A * B + beta * C` with bf16 A and B, f32 accumulation, C in f32 or
     /// 16 bits (rounded to nearest even once, after the whole k). On
-    /// [`crate::KernelId::Avx512Bf16`] products go through `vdpbf16ps`, which flushes
-    /// subnormal inputs and results to zero; other kernels widen to f32 while packing.
+    /// [`crate::KernelId::Avx512Bf16`] products go through `vdpbf16ps`, on [`crate::KernelId::Amx`]
+    /// through `tdpbf16ps`; both flush subnormal inputs and results to zero. Other kernels widen to f32
+    /// while packing.
     /// Arguments as [`gemm_f32`].
     gemm_bf16,
     gemm_bf16_in,

@@ -11,7 +11,7 @@
 
 use super::f16c::{load_f32, run_to_f32};
 use super::Elem;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::ElemKind;
 
 /// Packs one f32 panel: `dst[p * R + i] = src[i * rs + p * ks]`.
@@ -72,7 +72,7 @@ pub(crate) unsafe fn pack_f32<T: Elem, const R: usize, const F16C: bool>(
 ///
 /// # Safety
 /// `p` is readable.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
 unsafe fn load_bf16_bits<T: Elem>(p: *const T) -> u16 {
     if matches!(T::KIND, ElemKind::Bf16) {
@@ -90,7 +90,7 @@ unsafe fn load_bf16_bits<T: Elem>(p: *const T) -> u16 {
 /// # Safety
 /// `src[i * rs + p * ks]` is readable for `i < valid <= R`, `p < kc`; `dst` is
 /// writable for `kc.div_ceil(2) * R * 2` u16.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
 pub(crate) unsafe fn pack_bf16_pairs<T: Elem, const R: usize>(
     kc: usize,
@@ -138,5 +138,108 @@ pub(crate) unsafe fn pack_bf16_pairs<T: Elem, const R: usize>(
                 *d.add(2 * i + 1) = hi;
             }
         }
+    }
+}
+
+/// Packs one AMX A panel: `R` rows in steps of 32 k, each step `R` rows of 32 bf16 (64 bytes, one tile row):
+/// `dst[(s * R + i) * 32 + kk] = src[i * rs + (32 * s + kk) * ks]`, `kc.div_ceil(32) * R * 32` u16 in all.
+/// Rows past `valid` and k past `kc` are zero.
+///
+/// # Safety
+/// `src[i * rs + p * ks]` is readable for `i < valid <= R`, `p < kc`; `dst` is writable for
+/// `kc.div_ceil(32) * R * 32` u16.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn pack_amx_a<T: Elem, const R: usize>(
+    kc: usize,
+    valid: usize,
+    src: *const T,
+    rs: isize,
+    ks: isize,
+    dst: *mut u16,
+) {
+    debug_assert!(valid <= R);
+    let steps = kc.div_ceil(32);
+    // SAFETY (whole body): reads are (i < valid, p < kc) of the source and writes stay below
+    // steps * R * 32 (caller).
+    unsafe {
+        if ks == 1 && matches!(T::KIND, ElemKind::Bf16) {
+            // A row-major: each tile row is a 64-byte copy.
+            for i in 0..valid {
+                let row = src.offset(i as isize * rs) as *const u16;
+                for s in 0..steps {
+                    let d = dst.add((s * R + i) * 32);
+                    let len = 32.min(kc - 32 * s);
+                    core::ptr::copy_nonoverlapping(row.add(32 * s), d, len);
+                    core::ptr::write_bytes(d.add(len), 0, 32 - len);
+                }
+            }
+        } else {
+            for s in 0..steps {
+                let len = 32.min(kc - 32 * s);
+                for kk in 0..32 {
+                    let p = (32 * s + kk) as isize;
+                    for i in 0..valid {
+                        *dst.add((s * R + i) * 32 + kk) =
+                            if kk < len { load_bf16_bits(src.offset(i as isize * rs + p * ks)) } else { 0 };
+                    }
+                }
+            }
+        }
+        for s in 0..steps {
+            core::ptr::write_bytes(dst.add((s * R + valid) * 32), 0, (R - valid) * 32);
+        }
+    }
+}
+
+/// Packs one AMX B panel in VNNI layout: pairs of k interleaved per column, as [`pack_bf16_pairs`]
+/// (`dst[(p2 * R + j) * 2 + q] = src[j * rs + (2 * p2 + q) * ks]`), with k zero-padded to a multiple of 32:
+/// `kc.div_ceil(32) * 16 * R * 2` u16 in all. A B tile (16 pair rows x 16 columns) is 64 bytes of each
+/// `R * 4`-byte pair row.
+///
+/// # Safety
+/// `src[j * rs + p * ks]` is readable for `j < valid <= R`, `p < kc`; `dst` is writable for
+/// `kc.div_ceil(32) * 32 * R` u16.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn pack_amx_b<T: Elem, const R: usize>(
+    kc: usize,
+    valid: usize,
+    src: *const T,
+    rs: isize,
+    ks: isize,
+    dst: *mut u16,
+) {
+    debug_assert!(valid <= R);
+    let pairs = kc / 2;
+    let padded = kc.div_ceil(32) * 16;
+    // SAFETY (whole body): reads are (j < valid, p < kc) of the source; writes stay below padded * R * 2
+    // u16 (caller).
+    unsafe {
+        if ks == 1 && matches!(T::KIND, ElemKind::Bf16) {
+            // B column-major (k contiguous per column): each (k, k + 1) pair is one u32 of the source.
+            let d = dst as *mut u32;
+            for j in 0..valid {
+                let col = src.offset(j as isize * rs) as *const u32;
+                for p2 in 0..pairs {
+                    *d.add(p2 * R + j) = col.add(p2).read_unaligned();
+                }
+            }
+            for j in valid..R {
+                for p2 in 0..pairs {
+                    *d.add(p2 * R + j) = 0;
+                }
+            }
+            if kc % 2 == 1 {
+                for j in 0..R {
+                    let lo = if j < valid { load_bf16_bits(src.offset(j as isize * rs + (kc - 1) as isize)) } else { 0 };
+                    *d.add(pairs * R + j) = u32::from(lo);
+                }
+            }
+        } else {
+            pack_bf16_pairs::<T, R>(kc, valid, src, rs, ks, dst);
+        }
+        let done = kc.div_ceil(2);
+        core::ptr::write_bytes(dst.add(done * R * 2), 0, (padded - done) * R * 2);
     }
 }

@@ -12,7 +12,9 @@ use core::arch::x86_64::*;
 
 use mantissa_core::dtype::f32_to_f16_bits;
 
-use super::{multiversion, V_AVX2};
+use super::multiversion;
+#[cfg(target_arch = "x86_64")]
+use super::V_AVX2;
 use crate::gemm::{Elem, ElemKind};
 
 /// f32 to bf16 bits, round to nearest even; NaN stays NaN with the quiet bit set (as the `half` crate).

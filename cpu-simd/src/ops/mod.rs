@@ -26,8 +26,10 @@ pub(crate) const CH: usize = 256;
 /// `V` for code compiled without extra target features.
 pub(crate) const V_PLAIN: u8 = 0;
 /// `V` inside an AVX2 + FMA + F16C function.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const V_AVX2: u8 = 1;
 /// `V` inside an AVX-512F (+ AVX2, FMA, F16C) function.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const V_AVX512: u8 = 2;
 
 /// The instruction set the element-wise ops run with. It follows the GEMM kernel (so `MANTISSA_KERNEL`
@@ -47,7 +49,10 @@ impl Isa {
         match kernel.id() {
             KernelId::Scalar => Isa::Plain,
             KernelId::Avx2 => Isa::Avx2,
-            KernelId::Avx512 | KernelId::Avx512Bf16 => Isa::Avx512,
+            KernelId::Avx512 | KernelId::Avx512Bf16 | KernelId::Amx => Isa::Avx512,
+            // NEON is baseline on AArch64, so the plain bodies are already vectorised with it.
+            #[cfg(target_arch = "aarch64")]
+            KernelId::Neon | KernelId::NeonFhm | KernelId::NeonBf16 => Isa::Plain,
         }
     }
 }

@@ -260,11 +260,7 @@ pub const MAX_TUNE: usize = 1024;
 
 /// Fine-tunes on `Tune` for `EPOCHS` epochs, reshuffling (seeded) each epoch; `on_step(step, loss)` after
 /// each step (the firmware times steps there). Returns the mean loss of the last epoch.
-pub fn fine_tune<B: Backend>(
-    t: &mut Trainer<B>,
-    data: &DataBlob,
-    mut on_step: impl FnMut(usize, f32),
-) -> Result<f32> {
+pub fn fine_tune<B: Backend>(t: &mut Trainer<B>, data: &DataBlob, mut on_step: impl FnMut(usize, f32)) -> Result<f32> {
     let n = data.len(Split::Tune);
     if n > MAX_TUNE {
         return Err(Error::InvalidConfig("more fine-tuning samples than MAX_TUNE"));
