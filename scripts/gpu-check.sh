@@ -26,8 +26,20 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do cp "$exe" ".gpu/tests/$name"; done
-    cp target/release/examples/mnist .gpu/mnist
-    strip .gpu/mnist .gpu/tests/* 2>/dev/null || true
+    for ex in mnist gpu_report precision_table loss_scaling; do cp "target/release/examples/$ex" ".gpu/$ex"; done
+    # The CPU-vs-GPU criterion bench.
+    cargo bench --features cuda --bench cpu_vs_gpu --no-run --message-format=json \
+        | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cpu_vs_gpu":
+        print(m["executable"])
+' | while read -r exe; do cp "$exe" .gpu/cpu_vs_gpu; done
+    strip .gpu/mnist .gpu/gpu_report .gpu/precision_table .gpu/loss_scaling .gpu/cpu_vs_gpu .gpu/tests/* 2>/dev/null || true
     ls -la .gpu .gpu/tests
     du -sh .gpu
 }
@@ -61,6 +73,24 @@ run() {
         echo "=== timing exit $?" >>"$out/timing.log"
     fi
 
+    # Performance, mantissa and PyTorch in the same call (benches/README.md takes its GPU figures from here).
+    : >"$out/report.log"
+    echo "=== gpu_report" | tee -a "$out/report.log"
+    timeout 300 .gpu/gpu_report >>"$out/report.log" 2>&1
+    echo "=== gpu_report exit $?" >>"$out/report.log"
+    echo "=== pytorch" | tee -a "$out/report.log"
+    timeout 300 python3 benches/peers/pytorch_gpu.py >>"$out/report.log" 2>&1
+    echo "=== pytorch exit $?" >>"$out/report.log"
+    echo "=== gpu_report (second pass)" | tee -a "$out/report.log"
+    timeout 300 .gpu/gpu_report >>"$out/report.log" 2>&1
+    echo "=== precision_table" | tee -a "$out/report.log"
+    timeout 300 .gpu/precision_table >>"$out/report.log" 2>&1
+    echo "=== precision_table exit $?" >>"$out/report.log"
+    if [ -x .gpu/cpu_vs_gpu ]; then
+        timeout 400 .gpu/cpu_vs_gpu --bench --warm-up-time 1 --measurement-time 3 >"$out/bench.log" 2>&1
+        echo "=== cpu_vs_gpu exit $?" >>"$out/bench.log"
+    fi
+
     {
         echo "--- tests"
         grep -E "^=== |^test result|^test .* (FAILED|ok)$|panicked" "$out/tests.log"
@@ -68,6 +98,10 @@ run() {
         grep -E "^=== |^result:|^error|^note" "$out/mnist.log"
         echo "--- timing"
         grep -E "^timing:|panicked|=== timing" "$out/timing.log"
+        echo "--- report"
+        grep -E "^=== |^train:|^\||^error|^#" "$out/report.log"
+        echo "--- bench"
+        grep -E "^[a-z_0-9]+/|time:|thrpt:|skipped|=== " "$out/bench.log" 2>/dev/null
     } | tee "$out/summary.txt"
 }
 

@@ -180,6 +180,8 @@ pub struct Trainer<B: Backend> {
     skipped: u64,
     /// Stop at the first non-finite value (like `tf.debugging.enable_check_numerics`).
     check_numerics: bool,
+    /// Rows of the batch [`Trainer::stage`] left in the arena's input buffers (0: none).
+    staged: usize,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -260,6 +262,7 @@ impl<B: Backend> Trainer<B> {
             updates: 0,
             skipped: 0,
             check_numerics: false,
+            staged: 0,
         })
     }
 
@@ -268,14 +271,40 @@ impl<B: Backend> Trainer<B> {
     pub fn step(&mut self, x: &[f32], labels: &[u32]) -> Result<StepReport> {
         let rows = self.check_batch(x, labels.len())?;
         let bufs = self.alloc_step()?;
-        let result = self.step_inner(&bufs, x, labels, rows);
+        let result = self.step_inner(&bufs, Some((x, labels)), rows);
         self.arena.release(self.base);
         result
     }
 
-    fn step_inner(&mut self, s: &StepBufs, x: &[f32], labels: &[u32], rows: usize) -> Result<StepReport> {
+    /// Uploads a batch into the arena once, so that [`Trainer::step_staged`] can train on it repeatedly with
+    /// no host-to-device copy (benchmarks; data that already lives where the arena is). The static arena puts
+    /// every step's input at the same address, so the batch stays valid until the next call that brings other
+    /// data (`step`, `forward_backward`, `predict`, `evaluate`, or another `stage`).
+    pub fn stage(&mut self, x: &[f32], labels: &[u32]) -> Result<()> {
+        let rows = self.check_batch(x, labels.len())?;
+        self.staged = 0;
+        let bufs = self.alloc_step()?;
+        let result = self.upload_batch(&bufs, x, labels, rows);
+        self.arena.release(self.base);
+        result?;
+        self.staged = rows;
+        Ok(())
+    }
+
+    /// A training step on the first `rows` samples of the staged batch (see [`Trainer::stage`]).
+    pub fn step_staged(&mut self, rows: usize) -> Result<StepReport> {
+        if rows == 0 || rows > self.staged {
+            return Err(Error::ShapeMismatch { what: "rows of the staged batch", expected: self.staged, got: rows });
+        }
+        let bufs = self.alloc_step()?;
+        let result = self.step_inner(&bufs, None, rows);
+        self.arena.release(self.base);
+        result
+    }
+
+    fn step_inner(&mut self, s: &StepBufs, batch: Option<(&[f32], &[u32])>, rows: usize) -> Result<StepReport> {
         let scale = self.config.loss_scale.scale();
-        let (loss, correct, underflow) = self.forward_backward_inner(s, x, labels, rows, scale)?;
+        let (loss, correct, underflow) = self.forward_backward_inner(s, batch, rows, scale)?;
         let mut loss_scale = self.config.loss_scale;
         let applied = self.apply_gradients_with(scale, |finite| loss_scale.update(finite))?;
         self.config.loss_scale = loss_scale;
@@ -332,7 +361,7 @@ impl<B: Backend> Trainer<B> {
     pub fn forward_backward(&mut self, x: &[f32], labels: &[u32], scale: f32) -> Result<f32> {
         let rows = self.check_batch(x, labels.len())?;
         let bufs = self.alloc_step()?;
-        let result = self.forward_backward_inner(&bufs, x, labels, rows, scale).map(|(loss, _, _)| loss);
+        let result = self.forward_backward_inner(&bufs, Some((x, labels)), rows, scale).map(|(loss, _, _)| loss);
         self.arena.release(self.base);
         result
     }
@@ -362,12 +391,20 @@ impl<B: Backend> Trainer<B> {
     fn forward_backward_inner(
         &mut self,
         s: &StepBufs,
-        x: &[f32],
-        labels: &[u32],
+        batch: Option<(&[f32], &[u32])>,
         rows: usize,
         scale: f32,
     ) -> Result<(f32, usize, f32)> {
-        self.upload_batch(s, x, labels, rows)?;
+        match batch {
+            Some((x, labels)) => {
+                self.staged = 0;
+                self.upload_batch(s, x, labels, rows)?;
+            }
+            None if rows <= self.staged => {}
+            None => {
+                return Err(Error::ShapeMismatch { what: "rows of the staged batch", expected: self.staged, got: rows })
+            }
+        }
         let logits = self.forward(s, rows)?;
         let n = self.model.layers().len();
         let dtypes = self.model.out_dtypes(self.policy);
@@ -392,7 +429,7 @@ impl<B: Backend> Trainer<B> {
             check_finite(&mut self.backend, s.loss, [1, 1], None, "loss", "loss value", Phase::Forward)?;
             check_finite(&mut self.backend, dy, [rows, classes], None, "loss", "logits gradient", Phase::Backward)?;
         }
-        let correct = self.count_correct(logits, s.labels, labels, rows)?;
+        let correct = self.count_correct(logits, s.labels, rows)?;
         let layers = self.model.layers();
         // Backward from the loss down to the first trainable layer: nothing before it needs a gradient.
         let first = self.layout.first_trainable();
@@ -500,15 +537,19 @@ impl<B: Backend> Trainer<B> {
         Ok(())
     }
 
-    /// Counts rows whose arg-max logit equals the label.
-    fn count_correct(&mut self, logits: Buf, _labels: Buf, labels: &[u32], rows: usize) -> Result<usize> {
-        let mut correct = 0;
+    /// Counts rows whose arg-max logit equals the label, reading indices (not logits) back in chunks.
+    fn count_correct(&mut self, logits: Buf, labels: Buf, rows: usize) -> Result<usize> {
         let classes = self.model.classes();
-        argmax_rows(&mut self.backend, logits, rows, classes, |r, pred| {
-            if labels[r] as usize == pred {
-                correct += 1;
-            }
-        })?;
+        let (mut pred, mut lab) = ([0u32; 256], [0.0f32; 256]);
+        let mut correct = 0;
+        let mut r = 0;
+        while r < rows {
+            let n = pred.len().min(rows - r);
+            self.backend.argmax(logits.slice(r * classes, n * classes), n, classes, &mut pred[..n])?;
+            self.backend.download(labels.slice(r, n), &mut lab[..n])?;
+            correct += pred[..n].iter().zip(&lab[..n]).filter(|(&p, &l)| p as f32 == l).count();
+            r += n;
+        }
         Ok(correct)
     }
 
@@ -521,13 +562,12 @@ impl<B: Backend> Trainer<B> {
         }
         let batch = self.config.batch;
         let classes = self.model.classes();
+        self.staged = 0;
         for (xc, oc) in x.chunks(batch * per).zip(out.chunks_mut(batch)) {
             let rows = oc.len();
             let s = self.alloc_step()?;
             let r = self.backend.upload(s.input.prefix(xc.len()), xc).and_then(|_| self.forward(&s, rows));
-            let r = r.and_then(|logits| {
-                argmax_rows(&mut self.backend, logits, rows, classes, |i, p| oc[i] = p as u32)
-            });
+            let r = r.and_then(|logits| self.backend.argmax(logits.prefix(rows * classes), rows, classes, oc));
             self.arena.release(self.base);
             r?;
         }
@@ -542,6 +582,7 @@ impl<B: Backend> Trainer<B> {
         }
         let batch = self.config.batch;
         let mut eval = Evaluation { loss: 0.0, correct: 0, total: 0 };
+        self.staged = 0;
         let mut loss_sum = 0.0f64;
         for (xc, lc) in x.chunks(batch * per).zip(labels.chunks(batch)) {
             let rows = lc.len();
@@ -554,7 +595,7 @@ impl<B: Backend> Trainer<B> {
                 self.model.loss().forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, dl, 1.0)?;
                 let mut loss = [0.0f32];
                 self.backend.download(s.loss, &mut loss)?;
-                Ok((loss[0], self.count_correct(logits, s.labels, lc, rows)?))
+                Ok((loss[0], self.count_correct(logits, s.labels, rows)?))
             })();
             self.arena.release(self.base);
             let (loss, correct) = r?;
@@ -827,30 +868,3 @@ fn name_grad(name: &str) -> &'static str {
     }
 }
 
-/// Calls `f(row, argmax)` for each of `rows` rows of `logits: [rows, classes]`, reading in small chunks.
-fn argmax_rows<B: Backend>(
-    be: &mut B,
-    logits: Buf,
-    rows: usize,
-    classes: usize,
-    mut f: impl FnMut(usize, usize),
-) -> Result<()> {
-    let mut chunk = [0.0f32; 64];
-    for r in 0..rows {
-        let (mut best, mut best_j) = (f32::NEG_INFINITY, 0);
-        let mut j = 0;
-        while j < classes {
-            let n = chunk.len().min(classes - j);
-            be.download(logits.slice(r * classes + j, n), &mut chunk[..n])?;
-            for (k, &v) in chunk[..n].iter().enumerate() {
-                if v > best {
-                    best = v;
-                    best_j = j + k;
-                }
-            }
-            j += n;
-        }
-        f(r, best_j);
-    }
-    Ok(())
-}

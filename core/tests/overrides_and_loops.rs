@@ -137,3 +137,32 @@ fn grad_scaler_loop_matches_trainer_step_bit_for_bit() {
     assert_eq!(auto.updates(), custom.updates());
     assert_eq!(auto.skipped(), 1);
 }
+
+#[test]
+fn staged_steps_equal_ordinary_steps_bit_for_bit() {
+    let policy = Policy::MIXED_BFLOAT16;
+    let opt: Optimizer = AdamW::new(1e-2).into();
+    let plan = MemoryPlan::new(&mlp(false), policy, &opt, 8).unwrap();
+    let cfg = TrainConfig::new(8, policy).seed(9);
+    let (mut ba, mut bb) = (AlignedBuf::new(plan.total), AlignedBuf::new(plan.total));
+    let mut plain = new_trainer(&mut ba, mlp(false), policy, opt, cfg);
+    let mut staged = new_trainer(&mut bb, mlp(false), policy, opt, cfg);
+    let (x, y) = data(8, 6, 3, 4);
+    assert!(staged.step_staged(8).is_err(), "nothing staged yet");
+    staged.stage(&x, &y).unwrap();
+    for _ in 0..5 {
+        let a = plain.step(&x, &y).unwrap();
+        let b = staged.step_staged(8).unwrap();
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits());
+        assert_eq!(a.correct, b.correct);
+    }
+    assert!(staged.step_staged(9).is_err());
+    let mut pred = [0u32; 8];
+    staged.predict(&x, &mut pred).unwrap();
+    assert!(staged.step_staged(8).is_err(), "predict replaced the staged batch");
+    let n = plain.model().param_len();
+    let (mut wa, mut wb) = (vec![0.0f32; n], vec![0.0f32; n]);
+    plain.read_master(&mut wa).unwrap();
+    staged.read_master(&mut wb).unwrap();
+    assert_eq!(wa, wb);
+}
