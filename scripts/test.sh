@@ -35,6 +35,7 @@ check "no_std / no alloc core (thumbv7em-none-eabihf)" bash scripts/check-no-std
 if [[ -f scripts/test-kernels.sh ]]; then
     check "SIMD kernels, one run per kernel" bash scripts/test-kernels.sh
 fi
+check "aarch64 kernels under qemu-user" bash scripts/test-aarch64.sh
 check "cargo build --release --features cuda (no CUDA needed)" cargo build --release --features cuda --examples
 check "mantissa-core with defmt for thumbv7em-none-eabihf" \
     cargo build -p mantissa-core --features defmt --target thumbv7em-none-eabihf --release

@@ -237,6 +237,9 @@ impl Backend for AnyBackend<'_> {
     fn argmax(&mut self, logits: Buf, rows: usize, classes: usize, out: &mut [u32]) -> Result<()> {
         dispatch!(self, b => b.argmax(logits, rows, classes, out))
     }
+    fn count_correct(&mut self, logits: Buf, labels: Buf, rows: usize, classes: usize) -> Result<usize> {
+        dispatch!(self, b => b.count_correct(logits, labels, rows, classes))
+    }
     fn synchronize(&mut self) -> Result<()> {
         dispatch!(self, b => b.synchronize())
     }

@@ -373,6 +373,22 @@ pub trait Backend {
         Ok(())
     }
 
+    /// Counts the rows of `logits: [rows, classes]` whose arg-max (as [`Backend::argmax`]) equals `labels`
+    /// (I32). The provided version goes through `argmax` and reads the labels back in chunks.
+    fn count_correct(&mut self, logits: Buf, labels: Buf, rows: usize, classes: usize) -> Result<usize> {
+        let (mut pred, mut lab) = ([0u32; 256], [0.0f32; 256]);
+        let mut correct = 0;
+        let mut r = 0;
+        while r < rows {
+            let n = pred.len().min(rows - r);
+            self.argmax(logits.slice(r * classes, n * classes), n, classes, &mut pred[..n])?;
+            self.download(labels.slice(r, n), &mut lab[..n])?;
+            correct += pred[..n].iter().zip(&lab[..n]).filter(|(&p, &l)| p as f32 == l).count();
+            r += n;
+        }
+        Ok(correct)
+    }
+
     /// Waits for queued work to finish (a no-op on synchronous backends).
     fn synchronize(&mut self) -> Result<()> {
         Ok(())

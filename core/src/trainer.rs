@@ -537,20 +537,10 @@ impl<B: Backend> Trainer<B> {
         Ok(())
     }
 
-    /// Counts rows whose arg-max logit equals the label, reading indices (not logits) back in chunks.
+    /// Counts rows whose arg-max logit equals the label.
     fn count_correct(&mut self, logits: Buf, labels: Buf, rows: usize) -> Result<usize> {
         let classes = self.model.classes();
-        let (mut pred, mut lab) = ([0u32; 256], [0.0f32; 256]);
-        let mut correct = 0;
-        let mut r = 0;
-        while r < rows {
-            let n = pred.len().min(rows - r);
-            self.backend.argmax(logits.slice(r * classes, n * classes), n, classes, &mut pred[..n])?;
-            self.backend.download(labels.slice(r, n), &mut lab[..n])?;
-            correct += pred[..n].iter().zip(&lab[..n]).filter(|(&p, &l)| p as f32 == l).count();
-            r += n;
-        }
-        Ok(correct)
+        self.backend.count_correct(logits.prefix(rows * classes), labels.prefix(rows), rows, classes)
     }
 
     /// Predicted classes for `rows = out.len()` samples of `x` (any number: they run in planned batches).

@@ -19,8 +19,8 @@ fn time_layout<T: Elem, TC: Elem>(label: &str, kernel: Kernel, threads: usize, t
     let a: Vec<T> = (0..n * n).map(|i| T::from_f32(((i * 7 % 13) as f32 - 6.0) / 8.0)).collect();
     let b: Vec<T> = (0..n * n).map(|i| T::from_f32(((i * 5 % 11) as f32 - 5.0) / 8.0)).collect();
     let mut c = vec![TC::from_f32(0.0); n * n];
-    let view = |x: &[T], t: bool| if t { MatRef::col_major(x, n, n) } else { MatRef::row_major(x, n, n) };
-    let (av, bv) = (view(&a, ta), view(&b, tb));
+    let av = if ta { MatRef::col_major(&a, n, n) } else { MatRef::row_major(&a, n, n) };
+    let bv = if tb { MatRef::col_major(&b, n, n) } else { MatRef::row_major(&b, n, n) };
     let mut run = || gemm(kernel, threads, 1.0, av, bv, 0.0, MatMut::row_major(&mut c, n, n)).unwrap();
     run();
     let mut best = f64::INFINITY;

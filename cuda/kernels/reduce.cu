@@ -100,3 +100,26 @@ __device__ void grad_stats_impl(const G* grad, u64 n, float scale, double* sums,
         grad_stats_impl(grad, n, scale, sums, counts);                                                       \
     }
 FOR_FLOAT(REDUCE)
+
+// counts[0] += values of src that are non-zero but round to zero when stored as D (f16 underflow);
+// counts[1] += non-zero values (NaN included, as the reference counts them). Integer atomics: the totals do not
+// depend on the order.
+template <typename S, typename D>
+__device__ void count_underflow_impl(const S* src, u64 n, u64* counts) {
+    u64 flushed = 0, non_zero = 0;
+    for (u64 i = gtid(); i < n; i += gstride()) {
+        const float v = ld(src, i);
+        if (v != 0.0f) {
+            non_zero++;
+            if (rnd((const D*)0, v) == 0.0f) flushed++;
+        }
+    }
+    if (flushed) atomicAdd(&counts[0], flushed);
+    if (non_zero) atomicAdd(&counts[1], non_zero);
+}
+
+#define COUNT_UNDERFLOW(sn, S, dn, D)                                                                        \
+    extern "C" __global__ void count_underflow_##sn##_##dn(const S* src, u64 n, u64* counts) {             \
+        count_underflow_impl<S, D>(src, n, counts);                                                          \
+    }
+FOR_FLOAT_PAIR(COUNT_UNDERFLOW)

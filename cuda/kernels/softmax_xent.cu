@@ -74,3 +74,29 @@ __device__ void argmax_impl(const L* logits, u64 rows, u64 classes, int* out) {
         argmax_impl(logits, rows, classes, out);                                                             \
     }
 FOR_FLOAT(ARGMAX)
+
+// count[0] += rows whose arg-max logit (first on ties, NaN never wins) equals the label.
+template <typename L>
+__device__ void count_correct_impl(const L* logits, const int* labels, u64 rows, u64 classes, u64* count) {
+    u64 c = 0;
+    for (u64 r = gtid(); r < rows; r += gstride()) {
+        float best = -INFINITY;
+        int best_j = 0;
+        for (u64 j = 0; j < classes; j++) {
+            const float v = ld(logits, r * classes + j);
+            if (v > best) {
+                best = v;
+                best_j = (int)j;
+            }
+        }
+        if (best_j == labels[r]) c++;
+    }
+    if (c) atomicAdd(count, c);
+}
+
+#define COUNT_CORRECT(n, T)                                                                                  \
+    extern "C" __global__ void count_correct_##n(const T* logits, const int* labels, u64 rows, u64 classes,  \
+                                                 u64* count) {                                               \
+        count_correct_impl(logits, labels, rows, classes, count);                                            \
+    }
+FOR_FLOAT(COUNT_CORRECT)

@@ -38,13 +38,15 @@ use kernels::{launch, Arg, Family, Kernels};
 const _: () = assert!(cfg!(target_endian = "little"), "mantissa-cuda needs a little-endian host");
 
 /// cuBLAS workspace, carved from the backend's one allocation (NVIDIA's recommended size for Hopper).
-const WORKSPACE_BYTES: usize = 32 << 20;
+const WORKSPACE_BYTES: usize = 8 << 20;
 /// Scratch after the workspace: flags, partial sums and upload staging.
-const SCRATCH_BYTES: usize = 16 << 20;
+const SCRATCH_BYTES: usize = 8 << 20;
 // Scratch layout (byte offsets): the bad-label flag (2 x i32); per-block loss sums (f32); per-block sums of
 // squares (f64) and non-finite counts (u64) of grad_stats; then one big region shared by bias_grad's partial
 // sums and f32 upload staging (ops run in stream order, so they never use it at the same time).
 const FLAG_OFF: usize = 0;
+/// Two u64 counters (count_underflow, count_correct), after the label flag.
+const COUNT_OFF: usize = 64;
 const LOSS_OFF: usize = 4096;
 const STATS_SUM_OFF: usize = 8192;
 const STATS_CNT_OFF: usize = 16384;
@@ -856,6 +858,54 @@ impl Backend for CudaBackend {
             *o = i as u32;
         }
         Ok(())
+    }
+
+    fn count_underflow(&mut self, src: Buf, dtype: DType) -> Result<(usize, usize)> {
+        self.check(src, "count_underflow")?;
+        let st = Self::float(src, "count_underflow")?;
+        let dt = if dtype == DType::I32 { DType::F32 } else { dtype };
+        if src.len == 0 {
+            return Ok((0, 0));
+        }
+        self.enter()?;
+        let counts = self.scratch + COUNT_OFF as u64;
+        // SAFETY: the two counters are inside our scratch.
+        unsafe { cu::cuMemsetD32Async(counts, 0, 4, self.stream.cu_stream()) }.result().map_err(driver("memset"))?;
+        let args = [Arg::U64(self.ptr(src)), Arg::U64(src.len as u64), Arg::U64(counts)];
+        self.run(Family::Reduce, "count_underflow", st, Some(dt), src.len, &args)?;
+        let mut c = [0u64; 2];
+        self.dtoh(&mut c, counts)?;
+        Ok((c[0] as usize, c[1] as usize))
+    }
+
+    fn count_correct(&mut self, logits: Buf, labels: Buf, rows: usize, classes: usize) -> Result<usize> {
+        self.check(logits, "count_correct logits")?;
+        self.check(labels, "count_correct labels")?;
+        let lt = Self::float(logits, "count_correct")?;
+        if labels.dtype != DType::I32 {
+            return Err(Error::UnsupportedDType { what: "count_correct labels", dtype: labels.dtype });
+        }
+        if logits.len < rows * classes || labels.len < rows {
+            return Err(Error::ShapeMismatch { what: "count_correct", expected: rows * classes, got: logits.len });
+        }
+        if rows == 0 {
+            return Ok(0);
+        }
+        self.enter()?;
+        let count = self.scratch + COUNT_OFF as u64;
+        // SAFETY: the counter is inside our scratch.
+        unsafe { cu::cuMemsetD32Async(count, 0, 2, self.stream.cu_stream()) }.result().map_err(driver("memset"))?;
+        let args = [
+            Arg::U64(self.ptr(logits)),
+            Arg::U64(self.ptr(labels)),
+            Arg::U64(rows as u64),
+            Arg::U64(classes as u64),
+            Arg::U64(count),
+        ];
+        self.run(Family::SoftmaxXent, "count_correct", lt, None, rows, &args)?;
+        let mut c = [0u64; 1];
+        self.dtoh(&mut c, count)?;
+        Ok(c[0] as usize)
     }
 
     fn grad_stats(&mut self, grad: Buf, scale: f32) -> Result<GradStats> {

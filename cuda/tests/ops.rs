@@ -478,3 +478,39 @@ fn fused_sgd_and_adamw_match_the_reference() {
         }
     }
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run scripts/gpu-check.sh)"]
+fn argmax_count_correct_and_count_underflow_match_the_reference() {
+    let mut t = Both::new();
+    for lt in FLOATS {
+        for (rows, classes) in [(1, 1), (7, 10), (257, 67), (9000, 10)] {
+            // Coarse values make ties common: the first maximum must win on both.
+            let v: Vec<f32> = (0..rows * classes).map(|_| (t.rng.below(5) as f32) - 2.0).collect();
+            let logits = t.alloc(lt, rows * classes);
+            t.upload(logits, &v);
+            let labels = t.alloc(DType::I32, rows);
+            let l: Vec<i32> = (0..rows).map(|r| ((r * 31) % classes) as i32).collect();
+            t.gpu.upload_i32(labels, &l).unwrap();
+            t.re.upload_i32(labels, &l).unwrap();
+            let (mut a, mut b) = (vec![0u32; rows], vec![0u32; rows]);
+            t.gpu.argmax(logits, rows, classes, &mut a).unwrap();
+            t.re.argmax(logits, rows, classes, &mut b).unwrap();
+            assert_eq!(a, b, "argmax {lt} [{rows},{classes}]");
+            let cg = t.gpu.count_correct(logits, labels, rows, classes).unwrap();
+            let cr = t.re.count_correct(logits, labels, rows, classes).unwrap();
+            assert_eq!(cg, cr, "count_correct {lt} [{rows},{classes}]");
+        }
+        t.arena = mantissa_core::Arena::new(t.arena.capacity());
+    }
+    // Values straddling f16's flush threshold (2^-25) and bf16's (2^-134), zeros and NaN.
+    let mut v: Vec<f32> = (0..5000).map(|i| (i as f32 - 2500.0) * 1e-10).collect();
+    v.extend([0.0, -0.0, f32::NAN, 2.0f32.powi(-25), 2.0f32.powi(-24), 1e-40, 1e-45, 1.0]);
+    let src = t.alloc(DType::F32, v.len());
+    t.upload(src, &v);
+    for dt in FLOATS {
+        let g = t.gpu.count_underflow(src, dt).unwrap();
+        let r = t.re.count_underflow(src, dt).unwrap();
+        assert_eq!(g, r, "count_underflow f32 -> {dt}");
+    }
+}

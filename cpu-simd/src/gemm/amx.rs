@@ -72,7 +72,7 @@ impl Micro for AmxBf16 {
     const KU: usize = KT;
     // B micro-panel: 512 x 32 x 2 B = 32 KiB (L1d 48 KiB), reused across the A panels; A block
     // 256 x 512 x 2 B = 256 KiB (L2 2 MiB); B block 512 x 1024 x 2 B = 1 MiB.
-    const KC: usize = 512;
+    const KC: usize = 1024;
     const MC: usize = 256;
     const NC: usize = 1024;
 

@@ -1,15 +1,19 @@
 //! AArch64 FEAT_FHM kernel: f16 x f16 through FMLAL / FMLAL2 (by element), 8x12 f32 register tile.
 //!
 //! Panels stay f16 (half the bytes of the widened panels): A `dst[p * 8 + i]`, B `dst[p * 12 + j]`, f16 bits.
-//! Per k step one q register of A (8 rows, picked by lane) and 12 columns of B: `vfmlalq_laneq_low_f16`
-//! (`FMLAL Vd.4S, Vn.4H, Vm.H[l]`) multiplies B's columns 0..4 by A row l, `_high_` (`FMLAL2`) columns 4..8,
-//! and a second `_low_` columns 8..12, adding the f32 products to the same 8x12 accumulators as the f32
-//! NEON kernel. An f16 x f16 product is exact in f32 (22-bit significand, exponent within f32's normal
-//! range) and FMLAL rounds the sum once, so each step is `f32::mul_add` of the widened inputs: results are
-//! bit-identical to [`super::neon::Neon`] on the same f16 data, and f16 subnormals count (FPCR.FZ16 is off).
+//! Per k step one q register of A (8 rows, picked by lane) and 12 columns of B: `FMLAL Vd.4S, Vn.4H, Vm.H[l]`
+//! multiplies B's columns 0..4 by A row l, `FMLAL2` (high half of Vn) columns 4..8, a second `FMLAL` columns
+//! 8..12, adding the f32 products to the same 8x12 accumulators as the f32 NEON kernel. An f16 x f16 product
+//! is exact in f32 (22-bit significand, exponent within f32's normal range) and FMLAL rounds the sum once, so
+//! each step is `f32::mul_add` of the widened inputs: results are bit-identical to [`super::neon::Neon`] on
+//! the same f16 data, and f16 subnormals count (FPCR.FZ16 is off).
+//!
+//! `asm!` rather than `vfmlalq_laneq_low_f16` and friends: the f16 vector types and intrinsics are stable
+//! only since Rust 1.94, above this crate's MSRV (1.89); the by-element forms take Vm from v0..v15.
 //! Other input types use the f32 NEON kernel.
 
 use core::arch::aarch64::*;
+use core::arch::asm;
 
 use super::driver::gemm_blocked;
 use super::neon::{run_neon, store_acc, Acc, NeonF32, MR, NR};
@@ -104,38 +108,64 @@ impl Micro for Fmlal {
     }
 }
 
-/// The 8x12 accumulators over `kp` k steps. A function of its own so that the FHM intrinsics inline into
-/// code compiled with their features; it inlines in turn into `run_fmlal`.
+/// 4 rows (A lanes `$l0..$l3` of `$a`) x 12 columns for one k step: FMLAL takes B columns 0..4 from the low
+/// half of `$b01`, FMLAL2 columns 4..8 from its high half, FMLAL columns 8..12 from `$b2` (64 bits).
+macro_rules! fmlal_4x12 {
+    ($acc:ident, $r:literal, $a:ident, $b01:ident, $b2:ident) => {
+        asm!(
+            "fmlal  {c00:v}.4s, {b01:v}.4h, {a:v}.h[{l0}]",
+            "fmlal2 {c01:v}.4s, {b01:v}.4h, {a:v}.h[{l0}]",
+            "fmlal  {c02:v}.4s, {b2:v}.4h, {a:v}.h[{l0}]",
+            "fmlal  {c10:v}.4s, {b01:v}.4h, {a:v}.h[{l1}]",
+            "fmlal2 {c11:v}.4s, {b01:v}.4h, {a:v}.h[{l1}]",
+            "fmlal  {c12:v}.4s, {b2:v}.4h, {a:v}.h[{l1}]",
+            "fmlal  {c20:v}.4s, {b01:v}.4h, {a:v}.h[{l2}]",
+            "fmlal2 {c21:v}.4s, {b01:v}.4h, {a:v}.h[{l2}]",
+            "fmlal  {c22:v}.4s, {b2:v}.4h, {a:v}.h[{l2}]",
+            "fmlal  {c30:v}.4s, {b01:v}.4h, {a:v}.h[{l3}]",
+            "fmlal2 {c31:v}.4s, {b01:v}.4h, {a:v}.h[{l3}]",
+            "fmlal  {c32:v}.4s, {b2:v}.4h, {a:v}.h[{l3}]",
+            c00 = inout(vreg) $acc[$r][0],
+            c01 = inout(vreg) $acc[$r][1],
+            c02 = inout(vreg) $acc[$r][2],
+            c10 = inout(vreg) $acc[$r + 1][0],
+            c11 = inout(vreg) $acc[$r + 1][1],
+            c12 = inout(vreg) $acc[$r + 1][2],
+            c20 = inout(vreg) $acc[$r + 2][0],
+            c21 = inout(vreg) $acc[$r + 2][1],
+            c22 = inout(vreg) $acc[$r + 2][2],
+            c30 = inout(vreg) $acc[$r + 3][0],
+            c31 = inout(vreg) $acc[$r + 3][1],
+            c32 = inout(vreg) $acc[$r + 3][2],
+            b01 = in(vreg) $b01,
+            b2 = in(vreg) $b2,
+            a = in(vreg_low16) $a,
+            l0 = const $r,
+            l1 = const $r + 1,
+            l2 = const $r + 2,
+            l3 = const $r + 3,
+            options(pure, nomem, nostack, preserves_flags),
+        )
+    };
+}
+
+/// The 8x12 accumulators over `kp` k steps.
 ///
 /// # Safety
-/// Panels hold `kp * 8` (A) and `kp * 12` (B) u16; the CPU supports FEAT_FP16 and FEAT_FHM.
-#[target_feature(enable = "neon,fp16,fhm")]
-#[inline]
+/// Panels hold `kp * 8` (A) and `kp * 12` (B) u16; the CPU supports FEAT_FP16 and FEAT_FHM (the caller's
+/// #[target_feature] context enables them for the asm).
+#[inline(always)]
 unsafe fn fmlal_8x12(kp: usize, a: *const u16, b: *const u16) -> Acc {
-    // SAFETY: the loads read exactly the panels (B's last 4 columns with a 64-bit load); features enabled.
+    // SAFETY: the loads read exactly the panels (B's last 4 columns with a 64-bit load); the asm only reads
+    // and writes the registers it names.
     unsafe {
         let mut acc: Acc = [[vdupq_n_f32(0.0); 3]; MR];
         for p in 0..kp {
             let bp = b.add(p * NR);
-            let b01 = vreinterpretq_f16_u16(vld1q_u16(bp));
-            let b2h = vld1_u16(bp.add(8));
-            let b2 = vreinterpretq_f16_u16(vcombine_u16(b2h, b2h));
-            let av = vreinterpretq_f16_u16(vld1q_u16(a.add(p * MR)));
-            macro_rules! row {
-                ($i:literal) => {
-                    acc[$i][0] = vfmlalq_laneq_low_f16::<$i>(acc[$i][0], b01, av);
-                    acc[$i][1] = vfmlalq_laneq_high_f16::<$i>(acc[$i][1], b01, av);
-                    acc[$i][2] = vfmlalq_laneq_low_f16::<$i>(acc[$i][2], b2, av);
-                };
-            }
-            row!(0);
-            row!(1);
-            row!(2);
-            row!(3);
-            row!(4);
-            row!(5);
-            row!(6);
-            row!(7);
+            let (b01, b2) = (vld1q_u16(bp), vld1_u16(bp.add(8)));
+            let av = vld1q_u16(a.add(p * MR));
+            fmlal_4x12!(acc, 0, av, b01, b2);
+            fmlal_4x12!(acc, 4, av, b01, b2);
         }
         acc
     }

@@ -167,9 +167,13 @@ pub(crate) unsafe fn pack_amx_a<T: Elem, const R: usize>(
             // A row-major: each tile row is a 64-byte copy.
             for i in 0..valid {
                 let row = src.offset(i as isize * rs) as *const u16;
-                for s in 0..steps {
+                for s in 0..kc / 32 {
+                    // A constant 64-byte copy: one vector move, not a memcpy call.
+                    core::ptr::copy_nonoverlapping(row.add(32 * s) as *const [u16; 32], dst.add((s * R + i) * 32) as *mut [u16; 32], 1);
+                }
+                if kc % 32 != 0 {
+                    let (s, len) = (kc / 32, kc % 32);
                     let d = dst.add((s * R + i) * 32);
-                    let len = 32.min(kc - 32 * s);
                     core::ptr::copy_nonoverlapping(row.add(32 * s), d, len);
                     core::ptr::write_bytes(d.add(len), 0, 32 - len);
                 }
@@ -199,7 +203,7 @@ pub(crate) unsafe fn pack_amx_a<T: Elem, const R: usize>(
 ///
 /// # Safety
 /// `src[j * rs + p * ks]` is readable for `j < valid <= R`, `p < kc`; `dst` is writable for
-/// `kc.div_ceil(32) * 32 * R` u16.
+/// `kc.div_ceil(32) * 32 * R` u16; the CPU supports AVX-512BW and the caller enables it.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) unsafe fn pack_amx_b<T: Elem, const R: usize>(
@@ -235,6 +239,23 @@ pub(crate) unsafe fn pack_amx_b<T: Elem, const R: usize>(
                     let lo = if j < valid { load_bf16_bits(src.offset(j as isize * rs + (kc - 1) as isize)) } else { 0 };
                     *d.add(pairs * R + j) = u32::from(lo);
                 }
+            }
+        } else if R == 32 && valid == R && rs == 1 && matches!(T::KIND, ElemKind::Bf16) {
+            // B row-major: interleave two rows of 32 bf16 into one 128-byte pair row (two `vpermt2w`).
+            use core::arch::x86_64::*;
+            let lo: [u16; 32] = core::array::from_fn(|x| (x / 2 + (x % 2) * 32) as u16);
+            let hi: [u16; 32] = core::array::from_fn(|x| (16 + x / 2 + (x % 2) * 32) as u16);
+            let (lo, hi) = (_mm512_loadu_si512(lo.as_ptr() as *const _), _mm512_loadu_si512(hi.as_ptr() as *const _));
+            for p2 in 0..kc.div_ceil(2) {
+                let r0 = _mm512_loadu_si512(src.offset(2 * p2 as isize * ks) as *const _);
+                let r1 = if 2 * p2 + 1 < kc {
+                    _mm512_loadu_si512(src.offset((2 * p2 + 1) as isize * ks) as *const _)
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let d = dst.add(p2 * 64);
+                _mm512_storeu_si512(d as *mut _, _mm512_permutex2var_epi16(r0, lo, r1));
+                _mm512_storeu_si512(d.add(32) as *mut _, _mm512_permutex2var_epi16(r0, hi, r1));
             }
         } else {
             pack_bf16_pairs::<T, R>(kc, valid, src, rs, ks, dst);
