@@ -286,6 +286,7 @@ fn cpu_name() -> &'static str {
     static NAME: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
     NAME.get_or_init(|| match brand_string() {
         Some(s) if !s.is_empty() => Box::leak(s.into_boxed_str()),
+        _ if cfg!(target_arch = "aarch64") => "aarch64 CPU",
         _ => "x86-64 CPU",
     })
 }

@@ -169,9 +169,13 @@ pub(crate) unsafe fn pack_amx_a<T: Elem, const R: usize>(
                 let row = src.offset(i as isize * rs) as *const u16;
                 for s in 0..kc / 32 {
                     // A constant 64-byte copy: one vector move, not a memcpy call.
-                    core::ptr::copy_nonoverlapping(row.add(32 * s) as *const [u16; 32], dst.add((s * R + i) * 32) as *mut [u16; 32], 1);
+                    core::ptr::copy_nonoverlapping(
+                        row.add(32 * s) as *const [u16; 32],
+                        dst.add((s * R + i) * 32) as *mut [u16; 32],
+                        1,
+                    );
                 }
-                if kc % 32 != 0 {
+                if !kc.is_multiple_of(32) {
                     let (s, len) = (kc / 32, kc % 32);
                     let d = dst.add((s * R + i) * 32);
                     core::ptr::copy_nonoverlapping(row.add(32 * s), d, len);
@@ -236,7 +240,8 @@ pub(crate) unsafe fn pack_amx_b<T: Elem, const R: usize>(
             }
             if kc % 2 == 1 {
                 for j in 0..R {
-                    let lo = if j < valid { load_bf16_bits(src.offset(j as isize * rs + (kc - 1) as isize)) } else { 0 };
+                    let lo =
+                        if j < valid { load_bf16_bits(src.offset(j as isize * rs + (kc - 1) as isize)) } else { 0 };
                     *d.add(pairs * R + j) = u32::from(lo);
                 }
             }
