@@ -15,6 +15,18 @@ build() {
     cargo build --release --features cuda --examples
     rm -rf .gpu && mkdir -p .gpu/tests
     # The test executables of mantissa-cuda, by target name (ops, train, timing, nvrtc, no_gpu).
+    # The shared backend test bodies (tests/backends.rs), with their CUDA instantiation.
+    cargo test --release --features cuda --test backends --no-run --message-format=json \
+        | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "backends":
+        print(m["executable"])
+' | while read -r exe; do cp "$exe" .gpu/tests/backends; done
     cargo test --release -p mantissa-cuda --no-run --message-format=json \
         | python3 -c '
 import json, sys
@@ -51,7 +63,7 @@ run() {
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
 
     : >"$out/tests.log"
-    for t in no_gpu nvrtc ops train; do
+    for t in no_gpu nvrtc ops train backends; do
         [ -x ".gpu/tests/$t" ] || { echo "missing .gpu/tests/$t (run: bash scripts/gpu-check.sh build)" | tee -a "$out/tests.log"; continue; }
         echo "=== $t" | tee -a "$out/tests.log"
         timeout 300 ".gpu/tests/$t" --include-ignored --nocapture --test-threads=4 >>"$out/tests.log" 2>&1

@@ -663,9 +663,55 @@ fn training(kind: BackendKind) {
     }
 }
 
+/// A step with a NaN in its input is skipped on every backend and leaves master weights, working weights,
+/// optimizer moments and the update counter bit-identical; under mixed_float16 the dynamic scale halves.
+fn skipped_step(kind: BackendKind) {
+    if !kind.compiled() {
+        eprintln!("skipped: the {} backend is not compiled in", kind.name());
+        return;
+    }
+    let model = Model::sequential(Shape::flat(12)).linear(9).gelu().linear(4).build().unwrap();
+    let batch = 5;
+    let x: Vec<f32> = (0..batch * 12).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
+    let y: Vec<u32> = (0..batch as u32).map(|i| i % 4).collect();
+    let mut bad = x.clone();
+    bad[13] = f32::NAN;
+    for policy in [Policy::FLOAT32, Policy::MIXED_BFLOAT16, Policy::MIXED_FLOAT16] {
+        let opt = Optimizer::from(AdamW::new(1e-2));
+        let plan = MemoryPlan::new(&model, policy, &opt, batch).unwrap();
+        let mut buf = HostBuffer::new(plan.total).unwrap();
+        let be = AnyBackend::open(kind, buf.as_mut_slice()).unwrap();
+        let mut t = Trainer::new(be, model.clone(), policy, opt, TrainConfig::new(batch, policy)).unwrap();
+        for _ in 0..3 {
+            assert!(!t.step(&x, &y).unwrap().skipped);
+        }
+        let snapshot = |t: &mut Trainer<AnyBackend<'_>>| -> Vec<Vec<u8>> {
+            let p = *t.params();
+            [p.master, p.working, p.state1, p.state2]
+                .iter()
+                .map(|&b| {
+                    let mut out = vec![0u8; b.bytes()];
+                    t.backend_mut().download_bytes(b, &mut out).unwrap();
+                    out
+                })
+                .collect()
+        };
+        let before = snapshot(&mut t);
+        let (updates, scale) = (t.updates(), t.loss_scale().scale());
+        let r = t.step(&bad, &y).unwrap();
+        assert!(r.skipped, "{policy}: a NaN input must skip the step");
+        assert_eq!(snapshot(&mut t), before, "{policy}: a skipped step changed the model");
+        assert_eq!(t.updates(), updates, "{policy}");
+        let expected = if policy == Policy::MIXED_FLOAT16 { scale / 2.0 } else { scale };
+        assert_eq!(t.loss_scale().scale(), expected, "{policy}");
+        assert!(!t.step(&x, &y).unwrap().skipped, "{policy}: training goes on after a skipped step");
+    }
+}
+
 /// One module per backend, each with every test body.
 macro_rules! backend_tests {
-    ($($module:ident => $kind:expr),* $(,)?) => {$(
+    ($($(#[$attr:meta])* $module:ident => $kind:expr),* $(,)?) => {$(
+        $(#[$attr])*
         mod $module {
             use super::*;
             const KIND: BackendKind = $kind;
@@ -686,11 +732,46 @@ macro_rules! backend_tests {
             #[test] fn adamw_step() { super::adamw_step(KIND) }
             #[test] fn conv_and_pool() { super::conv_and_pool(KIND) }
             #[test] fn training() { super::training(KIND) }
+            #[test] fn skipped_step() { super::skipped_step(KIND) }
         }
     )*};
 }
 
 backend_tests!(reference => BackendKind::Reference, cpu_simd => BackendKind::CpuSimd);
+
+// The same bodies on the GPU: built with `--features cuda`, run on a GPU machine by scripts/gpu-check.sh with
+// `--include-ignored` (`cargo test` here has no GPU, so they are ignored with that reason).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    macro_rules! ignored_backend_tests {
+        ($module:ident => $kind:expr) => {
+            mod $module {
+                use super::*;
+                const KIND: BackendKind = $kind;
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn upload_download() { super::upload_download(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn cast() { super::cast(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn fill() { super::fill(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn gemm_f32() { super::gemm(KIND, DType::F32) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn gemm_bf16() { super::gemm(KIND, DType::BF16) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn gemm_f16() { super::gemm(KIND, DType::F16) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn gemm_errors() { super::gemm_errors(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn add_bias() { super::add_bias(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn bias_grad() { super::bias_grad(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn activation() { super::activation(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn activation_backward() { super::activation_backward(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn softmax_cross_entropy() { super::softmax_cross_entropy(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn grad_stats() { super::grad_stats(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn sgd_step() { super::sgd_step(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn adamw_step() { super::adamw_step(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn conv_and_pool() { super::conv_and_pool(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn training() { super::training(KIND) }
+                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn skipped_step() { super::skipped_step(KIND) }
+            }
+        };
+    }
+    ignored_backend_tests!(cuda => BackendKind::Cuda);
+}
 
 /// The kernel names `MANTISSA_KERNEL` accepts, slowest first.
 const KERNELS: [&str; 5] = ["scalar", "avx2", "avx512", "avx512bf16", "amx"];
