@@ -200,8 +200,9 @@ impl<'a> SimdBackend<'a> {
         let p =
             Problem { g: *g, a: self.ptr::<A>(g.a), b: self.ptr::<A>(g.b), c: self.ptr::<C>(g.c), kernel: self.kernel };
         let c_len = (g.m - 1) * g.ldc + g.n;
+        let macs = g.batch.saturating_mul(g.m).saturating_mul(g.n).saturating_mul(g.k);
         let workers = self.threads.min(g.batch);
-        if workers <= 1 || g.stride_c < c_len {
+        if workers <= 1 || g.stride_c < c_len || !crate::threads::worth_splitting::<A, A>(self.kernel, macs, workers) {
             // One problem at a time, each split over the threads (also when problems share C: in order).
             for t in 0..g.batch {
                 // SAFETY: forwarded.
@@ -209,18 +210,15 @@ impl<'a> SimdBackend<'a> {
             }
             return;
         }
-        // Whole problems per thread: many small problems (a conv layer's images) cost one spawn per thread
-        // rather than one per problem, and each problem is single-threaded.
+        // Whole problems per pool thread: many small problems (a conv layer's images) cost one hand-off per
+        // thread rather than one per problem, and each problem is single-threaded.
         let per = g.batch.div_ceil(workers);
-        std::thread::scope(|s| {
-            for w in 1..workers {
-                let range = w * per..((w + 1) * per).min(g.batch);
-                // SAFETY: C regions of distinct problems are disjoint (stride_c >= one C's extent); A and B are
-                // only read; the scope joins before `gemm` returns.
-                s.spawn(move || range.for_each(|t| unsafe { p.run(t, 1) }));
-            }
-            // SAFETY: as above.
-            (0..per.min(g.batch)).for_each(|t| unsafe { p.run(t, 1) });
+        let p = crate::threads::Shared(p);
+        crate::threads::run_parts(g.batch.div_ceil(per), &|w| {
+            let range = w * per..((w + 1) * per).min(g.batch);
+            // SAFETY: C regions of distinct problems are disjoint (stride_c >= one C's extent); A and B are only
+            // read; `run_parts` joins every part before returning.
+            range.for_each(|t| unsafe { p.get().run(t, 1) });
         });
     }
 }
@@ -242,10 +240,6 @@ impl<A, C> Clone for Problem<A, C> {
     }
 }
 impl<A, C> Copy for Problem<A, C> {}
-
-// SAFETY: the pointers address the arena, which outlives the thread scope; each thread writes only the C of its
-// own problems (see `gemm_typed`).
-unsafe impl<A, C> Send for Problem<A, C> {}
 
 impl<A: Elem, C: Elem> Problem<A, C> {
     /// Runs problem `t` on `threads` threads.
