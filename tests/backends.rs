@@ -331,7 +331,9 @@ fn bias_grad(kind: BackendKind) {
                     r.set(dy, &v);
                     r.run(|be| be.bias_grad(dy, db, o, c, i));
                     let what = format!("bias_grad {yd}->{bd} {o}x{c}x{i}");
-                    if i == 1 {
+                    // The CPU backends sum each column over the rows in the reference's order (bit-exact); the
+                    // CUDA backend reduces in parallel partial sums, so it gets the summation-order tolerance.
+                    if i == 1 && kind != BackendKind::Cuda {
                         r.same_bits(&what, db);
                         continue;
                     }

@@ -35,6 +35,9 @@ __device__ __forceinline__ unsigned short f32_to_f16_bits(float v) {
 }
 __device__ __forceinline__ unsigned short f32_to_bf16_bits(float v) {
 #if __CUDA_ARCH__ >= 800
+    // NaN keeps its sign and top payload bits, quieted, as the host's conversion (the `half` crate) does;
+    // cvt.rn.bf16.f32 would return the canonical 0x7fff for every NaN.
+    if (v != v) return (unsigned short)((__float_as_uint(v) >> 16) | 0x40u);
     unsigned short h;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
