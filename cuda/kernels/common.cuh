@@ -22,6 +22,11 @@ struct bf16 {
 
 __device__ __forceinline__ float ld(const float* p, u64 i) { return p[i]; }
 __device__ __forceinline__ float ld(const f16* p, u64 i) {
+    const unsigned h = p[i].bits;
+    if ((h & 0x7c00u) == 0x7c00u && (h & 0x3ffu)) {
+        // NaN: keep sign and payload as the host widens it (cvt.f32.f16 returns the canonical NaN).
+        return __uint_as_float(((h & 0x8000u) << 16) | 0x7f800000u | ((h & 0x3ffu) << 13));
+    }
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i].bits));
     return f;
@@ -29,6 +34,12 @@ __device__ __forceinline__ float ld(const f16* p, u64 i) {
 __device__ __forceinline__ float ld(const bf16* p, u64 i) { return __uint_as_float(((unsigned)p[i].bits) << 16); }
 
 __device__ __forceinline__ unsigned short f32_to_f16_bits(float v) {
+    // NaN keeps its sign and top payload bits, quieted, as the host's conversion does (cvt.rn.f16.f32 would
+    // return the canonical 0x7fff).
+    if (v != v) {
+        const unsigned u = __float_as_uint(v);
+        return (unsigned short)(((u >> 16) & 0x8000u) | 0x7e00u | ((u >> 13) & 0x3ffu));
+    }
     unsigned short h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
@@ -56,10 +67,9 @@ __device__ __forceinline__ void st(bf16* p, u64 i, float v) { p[i].bits = f32_to
 // `v` after a round trip through storage type T (for sums the reference stores after every addition).
 __device__ __forceinline__ float rnd(const float*, float v) { return v; }
 __device__ __forceinline__ float rnd(const f16*, float v) {
-    float f;
-    unsigned short h = f32_to_f16_bits(v);
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
+    f16 h;
+    h.bits = f32_to_f16_bits(v);
+    return ld(&h, 0);
 }
 __device__ __forceinline__ float rnd(const bf16*, float v) {
     return __uint_as_float(((unsigned)f32_to_bf16_bits(v)) << 16);
