@@ -114,3 +114,29 @@ __device__ __forceinline__ float block_sum(float v) {
     X(bf16, bf16, f32, float)                                                                                \
     X(bf16, bf16, f16, f16)                                                                                  \
     X(bf16, bf16, bf16, bf16)
+
+// Vectorised access: 8 consecutive elements (16 bytes of a 16-bit type, 32 of f32) of a 16-byte-aligned array,
+// moved with 16-byte loads and stores into a register array, then widened and rounded element by element with
+// the same ld / st as the scalar kernels (identical per-element results). `g`: the group index (elements 8g..8g+7).
+// Kernels named `*8` take this path; the host launches them only when every array they touch is 16-byte aligned,
+// and they finish the last n % 8 elements with the scalar loop.
+template <typename T>
+struct alignas(16) Pack8 {
+    T v[8];
+};
+template <typename T>
+__device__ __forceinline__ Pack8<T> ld8(const T* p, u64 g) {
+    Pack8<T> r;
+    const uint4* q = reinterpret_cast<const uint4*>(p + g * 8);
+    uint4* d = reinterpret_cast<uint4*>(&r);
+#pragma unroll
+    for (int k = 0; k < (int)(sizeof(Pack8<T>) / 16); k++) d[k] = q[k];
+    return r;
+}
+template <typename T>
+__device__ __forceinline__ void st8(T* p, u64 g, const Pack8<T>& r) {
+    uint4* q = reinterpret_cast<uint4*>(p + g * 8);
+    const uint4* s = reinterpret_cast<const uint4*>(&r);
+#pragma unroll
+    for (int k = 0; k < (int)(sizeof(Pack8<T>) / 16); k++) q[k] = s[k];
+}
