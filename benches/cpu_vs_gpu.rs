@@ -27,8 +27,11 @@ fn gemm(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("gemm_{name}_{n}"));
         group.sample_size(10);
         let mut arena = Arena::unbounded();
-        let (a, b, out) =
-            (arena.alloc(dtype, n * n).unwrap(), arena.alloc(dtype, n * n).unwrap(), arena.alloc(DType::F32, n * n).unwrap());
+        let (a, b, out) = (
+            arena.alloc(dtype, n * n).unwrap(),
+            arena.alloc(dtype, n * n).unwrap(),
+            arena.alloc(DType::F32, n * n).unwrap(),
+        );
         let g = Gemm::new(n, n, n, a, b, out);
         group.throughput(Throughput::Elements(g.flops()));
         let mut rng = Rng::new(1);
@@ -54,7 +57,8 @@ fn gemm(c: &mut Criterion) {
 
 fn train(c: &mut Criterion) {
     const BATCH: usize = 1024;
-    let model = || Model::sequential(Shape::flat(784)).linear(1024).gelu().linear(1024).gelu().linear(10).build().unwrap();
+    let model =
+        || Model::sequential(Shape::flat(784)).linear(1024).gelu().linear(1024).gelu().linear(10).build().unwrap();
     let mut rng = Rng::new(2);
     let x: Vec<f32> = (0..BATCH * 784).map(|_| rng.next_f32()).collect();
     let y: Vec<u32> = (0..BATCH).map(|_| rng.below(10) as u32).collect();

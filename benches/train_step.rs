@@ -21,7 +21,13 @@ fn setup(policy: Policy) -> (Model, Optimizer, MemoryPlan, Vec<f32>, Vec<u32>) {
     (model, opt, plan, x, y)
 }
 
-fn run<B: Backend>(c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, id: BenchmarkId, t: &mut Trainer<B>, x: &[f32], y: &[u32]) {
+fn run<B: Backend>(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: BenchmarkId,
+    t: &mut Trainer<B>,
+    x: &[f32],
+    y: &[u32],
+) {
     c.bench_function(id, |b| b.iter(|| t.step(x, y).unwrap()));
 }
 
@@ -39,7 +45,9 @@ fn bench(c: &mut Criterion) {
         }
         let (model, opt, plan, x, y) = setup(policy);
         let mut buf = HostBuffer::new(plan.total).unwrap();
-        let mut t = Trainer::new(Reference::new(buf.as_mut_slice()), model, policy, opt, TrainConfig::new(BATCH, policy)).unwrap();
+        let mut t =
+            Trainer::new(Reference::new(buf.as_mut_slice()), model, policy, opt, TrainConfig::new(BATCH, policy))
+                .unwrap();
         run(&mut group, BenchmarkId::new("reference", policy.name()), &mut t, &x, &y);
     }
     group.finish();

@@ -17,7 +17,9 @@ use mantissa::backend::Gemm;
 use mantissa::cpu_simd::SimdBackend;
 use mantissa::host::HostBuffer;
 use mantissa::rng::Rng;
-use mantissa::{AdamW, Arena, Backend, DType, MemoryPlan, Model, Optimizer, Policy, Reference, Shape, TrainConfig, Trainer};
+use mantissa::{
+    AdamW, Arena, Backend, DType, MemoryPlan, Model, Optimizer, Policy, Reference, Shape, TrainConfig, Trainer,
+};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -113,7 +115,12 @@ fn gemm_gflops(dtype: DType, n: usize, threads: usize, windows: usize) -> Result
     ))
 }
 
-fn train_line(policy: Policy, threads: usize, windows: usize, reference: bool) -> Result<String, Box<dyn std::error::Error>> {
+fn train_line(
+    policy: Policy,
+    threads: usize,
+    windows: usize,
+    reference: bool,
+) -> Result<String, Box<dyn std::error::Error>> {
     const BATCH: usize = 256;
     let model = Model::sequential(Shape::flat(784)).linear(512).gelu().linear(512).gelu().linear(10).build()?;
     let optimizer: Optimizer = AdamW::new(1e-3).weight_decay(0.01).into();

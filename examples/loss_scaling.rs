@@ -78,8 +78,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("final_loss: cross-entropy on the 2000 test digits; underflow: mean fraction of non-zero loss gradients");
     println!("flushed to zero by the cast to the compute dtype\n");
-    println!("| policy         | scaling           | loss scale (end) | final loss | underflow | skipped | weights moved |");
-    println!("|----------------|-------------------|------------------|------------|-----------|---------|---------------|");
+    println!(
+        "| policy         | scaling           | loss scale (end) | final loss | underflow | skipped | weights moved |"
+    );
+    println!(
+        "|----------------|-------------------|------------------|------------|-----------|---------|---------------|"
+    );
     let mut lines = Vec::new();
     for row in &rows {
         let o = train_one(kind, row, &train_x, &train_y, &test_x, &test_y)?;

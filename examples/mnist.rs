@@ -124,7 +124,12 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         Arch::Cnn => 8,
     });
 
-    println!("mantissa mnist: model {arch} ({} parameters), backend {} on {}", model.param_len(), caps.backend, caps.device);
+    println!(
+        "mantissa mnist: model {arch} ({} parameters), backend {} on {}",
+        model.param_len(),
+        caps.backend,
+        caps.device
+    );
     println!("policy {policy} ({why})");
     println!("{plan}");
     for p in [Policy::FLOAT32, Policy::MIXED_FLOAT16, Policy::MIXED_BFLOAT16] {
@@ -133,7 +138,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     println!();
 
-    let mut arena = HostBuffer::new(plan.total).map_err(|e| format!("cannot allocate the {}-byte arena: {e}", plan.total))?;
+    let mut arena =
+        HostBuffer::new(plan.total).map_err(|e| format!("cannot allocate the {}-byte arena: {e}", plan.total))?;
     let backend = AnyBackend::open(kind, arena.as_mut_slice())?;
     let config = TrainConfig::new(args.batch, policy).seed(args.seed);
     let mut trainer = Trainer::new(backend, model, policy, optimizer, config)?;

@@ -102,7 +102,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let step_ms = time(&mut t, batch, warmup, steps)?;
             rows.push(Row {
                 device: format!("{} (gpu-mlp, batch 8192)", caps.device),
-                capability: format!("compute {major}.{minor}; fast bf16: {}, fast f16: {}", caps.fast_bf16, caps.fast_f16),
+                capability: format!(
+                    "compute {major}.{minor}; fast bf16: {}, fast f16: {}",
+                    caps.fast_bf16, caps.fast_f16
+                ),
                 policy,
                 step_ms,
                 bytes,
@@ -113,7 +116,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("| device | capability | policy | step time | speedup vs float32 | peak memory | memory reduction |");
     println!("|---|---|---|---|---|---|---|");
     for r in &rows {
-        let base = rows.iter().find(|b| b.device == r.device && b.policy == Policy::FLOAT32).expect("float32 row first");
+        let base =
+            rows.iter().find(|b| b.device == r.device && b.policy == Policy::FLOAT32).expect("float32 row first");
         println!(
             "| {} | {} | {} | {:.3} ms | {:.2}x | {:.1} MiB | {:.2}x |",
             r.device,

@@ -153,34 +153,18 @@ pub enum DataErrorKind {
     /// The header's dimensions multiply past what this machine can address.
     TooLarge { count: usize, item_bytes: usize },
     /// The header promises `count` items of `item_bytes` each; the file ends after `bytes` of them.
-    Truncated {
-        what: &'static str,
-        count: usize,
-        item_bytes: usize,
-        bytes: usize,
-    },
+    Truncated { what: &'static str, count: usize, item_bytes: usize, bytes: usize },
     /// `extra` bytes follow the `count` items the header promises.
-    TrailingBytes {
-        what: &'static str,
-        count: usize,
-        extra: u64,
-    },
+    TrailingBytes { what: &'static str, count: usize, extra: u64 },
     /// A label outside `0..CLASSES`.
     BadLabel { index: usize, value: u8 },
     /// The images file and the labels file disagree on the number of samples.
-    CountMismatch {
-        labels: usize,
-        images: usize,
-        images_file: PathBuf,
-    },
+    CountMismatch { labels: usize, images: usize, images_file: PathBuf },
 }
 
 impl DataError {
     fn new(file: impl Into<PathBuf>, kind: DataErrorKind) -> Self {
-        DataError {
-            file: file.into(),
-            kind,
-        }
+        DataError { file: file.into(), kind }
     }
 
     /// The file the error is about.
@@ -203,33 +187,20 @@ impl fmt::Display for DataError {
             }
             DataErrorKind::Gzip(e) => write!(f, "corrupt gzip stream: {e}"),
             DataErrorKind::HeaderTooShort { needed, found } => {
-                write!(
-                    f,
-                    "too short for an IDX header: needs {needed} bytes, file holds {found}"
-                )
+                write!(f, "too short for an IDX header: needs {needed} bytes, file holds {found}")
             }
             DataErrorKind::BadMagic { expected, found } => {
-                write!(
-                    f,
-                    "wrong magic number 0x{found:08x}, expected 0x{expected:08x} ({})",
-                    kind_of(*expected)
-                )?;
+                write!(f, "wrong magic number 0x{found:08x}, expected 0x{expected:08x} ({})", kind_of(*expected))?;
                 if *found == IMAGES_MAGIC || *found == LABELS_MAGIC {
                     write!(f, "; this is an {}: are the two paths swapped?", kind_of(*found))?;
                 }
                 Ok(())
             }
             DataErrorKind::ZeroDimension { what } => write!(f, "header says 0 {what}"),
-            DataErrorKind::TooLarge { count, item_bytes } => write!(
-                f,
-                "header says {count} items of {item_bytes} bytes, more than this machine can address"
-            ),
-            DataErrorKind::Truncated {
-                what,
-                count,
-                item_bytes,
-                bytes,
-            } => {
+            DataErrorKind::TooLarge { count, item_bytes } => {
+                write!(f, "header says {count} items of {item_bytes} bytes, more than this machine can address")
+            }
+            DataErrorKind::Truncated { what, count, item_bytes, bytes } => {
                 let whole = bytes / item_bytes;
                 let partial = bytes % item_bytes;
                 write!(f, "truncated: header says {count} {what}, file holds {whole}")?;
@@ -242,21 +213,11 @@ impl fmt::Display for DataError {
                 write!(f, "{extra} trailing bytes after the {count} {what} the header declares")
             }
             DataErrorKind::BadLabel { index, value } => {
-                write!(
-                    f,
-                    "label {value} at index {index} is not a digit (expected 0..={})",
-                    CLASSES - 1
-                )
+                write!(f, "label {value} at index {index} is not a digit (expected 0..={})", CLASSES - 1)
             }
-            DataErrorKind::CountMismatch {
-                labels,
-                images,
-                images_file,
-            } => write!(
-                f,
-                "count mismatch: {labels} labels, but {} holds {images} images",
-                images_file.display()
-            ),
+            DataErrorKind::CountMismatch { labels, images, images_file } => {
+                write!(f, "count mismatch: {labels} labels, but {} holds {images} images", images_file.display())
+            }
         }
     }
 }
@@ -325,39 +286,21 @@ fn pair(images: IdxImages, images_file: &Path, labels: Vec<u8>, labels_file: &Pa
             },
         ));
     }
-    Ok(Mnist {
-        images: images.pixels,
-        labels,
-        rows: images.rows,
-        cols: images.cols,
-    })
+    Ok(Mnist { images: images.pixels, labels, rows: images.rows, cols: images.cols })
 }
 
 fn open(path: &Path) -> Result<BufReader<File>, DataError> {
-    File::open(path)
-        .map(BufReader::new)
-        .map_err(|e| DataError::new(path, DataErrorKind::Io(e)))
+    File::open(path).map(BufReader::new).map_err(|e| DataError::new(path, DataErrorKind::Io(e)))
 }
 
 fn read_images(file: &Path, input: impl io::BufRead) -> Result<IdxImages, DataError> {
     let mut r = Source::new(file, input)?;
     let [count, rows, cols] = r.header::<3>(IMAGES_MAGIC, ["images", "rows", "cols"])?;
-    let item_bytes = rows.checked_mul(cols).ok_or_else(|| {
-        DataError::new(
-            file,
-            DataErrorKind::TooLarge {
-                count,
-                item_bytes: usize::MAX,
-            },
-        )
-    })?;
+    let item_bytes = rows
+        .checked_mul(cols)
+        .ok_or_else(|| DataError::new(file, DataErrorKind::TooLarge { count, item_bytes: usize::MAX }))?;
     let pixels = r.body("images", count, item_bytes)?;
-    Ok(IdxImages {
-        count,
-        rows,
-        cols,
-        pixels,
-    })
+    Ok(IdxImages { count, rows, cols, pixels })
 }
 
 fn read_labels(file: &Path, input: impl io::BufRead) -> Result<Vec<u8>, DataError> {
@@ -380,10 +323,7 @@ struct Source<'a> {
 
 impl<'a> Source<'a> {
     fn new(file: &'a Path, mut input: impl io::BufRead + 'a) -> Result<Self, DataError> {
-        let gzip = input
-            .fill_buf()
-            .map_err(|e| DataError::new(file, DataErrorKind::Io(e)))?
-            .starts_with(&GZIP_MAGIC);
+        let gzip = input.fill_buf().map_err(|e| DataError::new(file, DataErrorKind::Io(e)))?.starts_with(&GZIP_MAGIC);
         let reader: Box<dyn Read + 'a> = if gzip {
             // Multi-member, as `gzip` itself reads concatenated files; junk after the last member is an error.
             Box::new(flate2::bufread::MultiGzDecoder::new(input))
@@ -398,11 +338,7 @@ impl<'a> Source<'a> {
     }
 
     fn read_err(&self, e: io::Error) -> DataError {
-        self.err(if self.gzip {
-            DataErrorKind::Gzip(e)
-        } else {
-            DataErrorKind::Io(e)
-        })
+        self.err(if self.gzip { DataErrorKind::Gzip(e) } else { DataErrorKind::Io(e) })
     }
 
     /// Fills `buf` as far as the input goes; returns how many bytes that was.
@@ -429,10 +365,7 @@ impl<'a> Source<'a> {
         if found >= 4 {
             let m = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
             if m != magic {
-                return Err(self.err(DataErrorKind::BadMagic {
-                    expected: magic,
-                    found: m,
-                }));
+                return Err(self.err(DataErrorKind::BadMagic { expected: magic, found: m }));
             }
         }
         if found < needed {
@@ -446,12 +379,8 @@ impl<'a> Source<'a> {
                 return Err(self.err(DataErrorKind::ZeroDimension { what: names[i] }));
             }
             // u32 -> usize only fails on 16-bit targets; report it as too large rather than panic.
-            *d = usize::try_from(v).map_err(|_| {
-                self.err(DataErrorKind::TooLarge {
-                    count: usize::MAX,
-                    item_bytes: 1,
-                })
-            })?;
+            *d = usize::try_from(v)
+                .map_err(|_| self.err(DataErrorKind::TooLarge { count: usize::MAX, item_bytes: 1 }))?;
         }
         Ok(dims)
     }
@@ -473,12 +402,7 @@ impl<'a> Source<'a> {
             return Err(self.read_err(e));
         }
         if data.len() < total {
-            return Err(self.err(DataErrorKind::Truncated {
-                what,
-                count,
-                item_bytes,
-                bytes: data.len(),
-            }));
+            return Err(self.err(DataErrorKind::Truncated { what, count, item_bytes, bytes: data.len() }));
         }
         let extra = io::copy(&mut self.reader, &mut io::sink()).map_err(|e| self.read_err(e))?;
         if extra != 0 {

@@ -29,10 +29,7 @@ impl HostBuffer {
         blocks.try_reserve_exact(n)?;
         // Within the reserved capacity: no reallocation, so no abort path.
         blocks.resize(n, Align64Block([0; BLOCK]));
-        Ok(HostBuffer {
-            blocks: blocks.into_boxed_slice(),
-            len: bytes,
-        })
+        Ok(HostBuffer { blocks: blocks.into_boxed_slice(), len: bytes })
     }
 
     /// Length in bytes, exactly as requested.
@@ -83,9 +80,6 @@ impl core::ops::DerefMut for HostBuffer {
 
 impl fmt::Debug for HostBuffer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HostBuffer")
-            .field("len", &self.len)
-            .field("ptr", &self.as_ptr())
-            .finish()
+        f.debug_struct("HostBuffer").field("len", &self.len).field("ptr", &self.as_ptr()).finish()
     }
 }

@@ -17,12 +17,9 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// On any error the temporary file is removed and an existing `path` is left as it was. Errors name
 /// `path`. If `path` is a symbolic link, the link itself is replaced, not the file it points to.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let name = path.file_name().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{}: not a file path", path.display()),
-        )
-    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a file path", path.display())))?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

@@ -2,7 +2,9 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 
 pub use mantissa_core::*;
-pub use mantissa_core::{arena, backend, dtype, error, layers, loss_scale, model, numerics, optim, plan, policy, reference, rng, trainer};
+pub use mantissa_core::{
+    arena, backend, dtype, error, layers, loss_scale, model, numerics, optim, plan, policy, reference, rng, trainer,
+};
 
 pub mod backends;
 #[cfg(feature = "std")]

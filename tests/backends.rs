@@ -751,24 +751,96 @@ mod gpu {
             mod $module {
                 use super::*;
                 const KIND: BackendKind = $kind;
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn upload_download() { super::upload_download(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn cast() { super::cast(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn fill() { super::fill(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn gemm_f32() { super::gemm(KIND, DType::F32) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn gemm_bf16() { super::gemm(KIND, DType::BF16) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn gemm_f16() { super::gemm(KIND, DType::F16) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn gemm_errors() { super::gemm_errors(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn add_bias() { super::add_bias(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn bias_grad() { super::bias_grad(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn activation() { super::activation(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn activation_backward() { super::activation_backward(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn softmax_cross_entropy() { super::softmax_cross_entropy(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn grad_stats() { super::grad_stats(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn sgd_step() { super::sgd_step(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn adamw_step() { super::adamw_step(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn conv_and_pool() { super::conv_and_pool(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn training() { super::training(KIND) }
-                #[test] #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"] fn skipped_step() { super::skipped_step(KIND) }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn upload_download() {
+                    super::upload_download(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn cast() {
+                    super::cast(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn fill() {
+                    super::fill(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn gemm_f32() {
+                    super::gemm(KIND, DType::F32)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn gemm_bf16() {
+                    super::gemm(KIND, DType::BF16)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn gemm_f16() {
+                    super::gemm(KIND, DType::F16)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn gemm_errors() {
+                    super::gemm_errors(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn add_bias() {
+                    super::add_bias(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn bias_grad() {
+                    super::bias_grad(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn activation() {
+                    super::activation(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn activation_backward() {
+                    super::activation_backward(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn softmax_cross_entropy() {
+                    super::softmax_cross_entropy(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn grad_stats() {
+                    super::grad_stats(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn sgd_step() {
+                    super::sgd_step(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn adamw_step() {
+                    super::adamw_step(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn conv_and_pool() {
+                    super::conv_and_pool(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn training() {
+                    super::training(KIND)
+                }
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+                fn skipped_step() {
+                    super::skipped_step(KIND)
+                }
             }
         };
     }

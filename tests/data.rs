@@ -52,10 +52,7 @@ fn tiny() -> (Vec<u8>, Vec<u8>) {
 #[track_caller]
 fn assert_msg(err: &data::DataError, file: &str, needles: &[&str]) {
     let msg = err.to_string();
-    assert!(
-        msg.starts_with(&format!("{file}: ")),
-        "message does not start with the file name: {msg}"
-    );
+    assert!(msg.starts_with(&format!("{file}: ")), "message does not start with the file name: {msg}");
     assert_eq!(err.file(), Path::new(file));
     for n in needles {
         assert!(msg.contains(n), "message lacks {n:?}: {msg}");
@@ -68,10 +65,7 @@ fn bundled_mnist_loads_with_documented_counts() {
     assert_eq!((m.len(), m.rows, m.cols), (10_000, 28, 28));
     assert_eq!(m.images.len(), 10_000 * 28 * 28);
     // data/README.md
-    assert_eq!(
-        m.class_counts(),
-        [1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978]
-    );
+    assert_eq!(m.class_counts(), [1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978]);
     // Real digits: some ink in every image, background at 0.
     for i in [0, 4999, 9999] {
         let img = m.image(i).unwrap();
@@ -106,17 +100,7 @@ fn raw_and_gzip_parse_the_same() {
     assert_eq!(raw.labels, [0, 7, 9]);
     let mut x = [0.0f32; 6];
     raw.image_f32(2, &mut x);
-    assert_eq!(
-        x,
-        [
-            180.0 / 255.0,
-            195.0 / 255.0,
-            210.0 / 255.0,
-            225.0 / 255.0,
-            240.0 / 255.0,
-            1.0
-        ]
-    );
+    assert_eq!(x, [180.0 / 255.0, 195.0 / 255.0, 210.0 / 255.0, 225.0 / 255.0, 240.0 / 255.0, 1.0]);
     assert_eq!(raw.image(3), None);
     assert_eq!(raw.label(3), None);
 
@@ -183,23 +167,8 @@ fn truncated_raw_idx_says_how_much_is_there() {
     let (img, lab) = tiny();
     // One whole image and 2 bytes of the next missing.
     let e = data::parse_idx_images("x/img", &img[..img.len() - 8]).unwrap_err();
-    assert!(
-        matches!(
-            e.kind(),
-            DataErrorKind::Truncated {
-                count: 3,
-                item_bytes: 6,
-                bytes: 10,
-                ..
-            }
-        ),
-        "{e}"
-    );
-    assert_msg(
-        &e,
-        "x/img",
-        &["truncated: header says 3 images, file holds 1 and 4 of the 6 bytes of the next"],
-    );
+    assert!(matches!(e.kind(), DataErrorKind::Truncated { count: 3, item_bytes: 6, bytes: 10, .. }), "{e}");
+    assert_msg(&e, "x/img", &["truncated: header says 3 images, file holds 1 and 4 of the 6 bytes of the next"]);
 
     let e = data::parse_idx_labels("x/lab", &lab[..lab.len() - 1]).unwrap_err();
     assert_msg(&e, "x/lab", &["truncated: header says 3 labels, file holds 2"]);
@@ -211,15 +180,8 @@ fn truncated_raw_idx_says_how_much_is_there() {
 
     // Cut inside the header.
     let e = data::parse_idx_images("x/img", &img[..10]).unwrap_err();
-    assert!(
-        matches!(e.kind(), DataErrorKind::HeaderTooShort { needed: 16, found: 10 }),
-        "{e}"
-    );
-    assert_msg(
-        &e,
-        "x/img",
-        &["too short for an IDX header: needs 16 bytes, file holds 10"],
-    );
+    assert!(matches!(e.kind(), DataErrorKind::HeaderTooShort { needed: 16, found: 10 }), "{e}");
+    assert_msg(&e, "x/img", &["too short for an IDX header: needs 16 bytes, file holds 10"]);
     let e = data::parse_idx_labels("x/lab", &[]).unwrap_err();
     assert_msg(&e, "x/lab", &["needs 8 bytes, file holds 0"]);
 }
@@ -227,11 +189,9 @@ fn truncated_raw_idx_says_how_much_is_there() {
 #[test]
 fn documented_message_for_short_labels() {
     let labels = vec![3u8; 9990];
-    let e = data::parse_idx_labels(
-        "data/mnist-10k-labels-idx1-ubyte.gz",
-        &gzip(&idx_labels_with_count(10_000, &labels)),
-    )
-    .unwrap_err();
+    let e =
+        data::parse_idx_labels("data/mnist-10k-labels-idx1-ubyte.gz", &gzip(&idx_labels_with_count(10_000, &labels)))
+            .unwrap_err();
     assert_eq!(
         e.to_string(),
         "data/mnist-10k-labels-idx1-ubyte.gz: truncated: header says 10000 labels, file holds 9990"
@@ -244,16 +204,7 @@ fn wrong_magic_is_named() {
     let mut bad = img.clone();
     bad[3] = 0x04;
     let e = data::parse_idx_images("img", &bad).unwrap_err();
-    assert!(
-        matches!(
-            e.kind(),
-            DataErrorKind::BadMagic {
-                expected: 0x803,
-                found: 0x804
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e.kind(), DataErrorKind::BadMagic { expected: 0x803, found: 0x804 }), "{e}");
     assert_msg(&e, "img", &["wrong magic number 0x00000804, expected 0x00000803"]);
 
     // Swapped paths get a hint.
@@ -266,10 +217,7 @@ fn wrong_magic_is_named() {
 #[test]
 fn label_out_of_range() {
     let e = data::parse_idx_labels("lab", &idx_labels(&[1, 2, 10, 3])).unwrap_err();
-    assert!(
-        matches!(e.kind(), DataErrorKind::BadLabel { index: 2, value: 10 }),
-        "{e}"
-    );
+    assert!(matches!(e.kind(), DataErrorKind::BadLabel { index: 2, value: 10 }), "{e}");
     assert_msg(&e, "lab", &["label 10 at index 2", "0..=9"]);
     let e = data::parse_idx_labels("lab.gz", &gzip(&idx_labels(&[255]))).unwrap_err();
     assert_msg(&e, "lab.gz", &["label 255 at index 0"]);
@@ -279,22 +227,8 @@ fn label_out_of_range() {
 fn image_and_label_counts_must_match() {
     let (img, _) = tiny();
     let e = data::parse_mnist("a/img.gz", &gzip(&img), "a/lab.gz", &gzip(&idx_labels(&[1, 2]))).unwrap_err();
-    assert!(
-        matches!(
-            e.kind(),
-            DataErrorKind::CountMismatch {
-                labels: 2,
-                images: 3,
-                ..
-            }
-        ),
-        "{e}"
-    );
-    assert_msg(
-        &e,
-        "a/lab.gz",
-        &["count mismatch: 2 labels, but a/img.gz holds 3 images"],
-    );
+    assert!(matches!(e.kind(), DataErrorKind::CountMismatch { labels: 2, images: 3, .. }), "{e}");
+    assert_msg(&e, "a/lab.gz", &["count mismatch: 2 labels, but a/img.gz holds 3 images"]);
 }
 
 #[test]
@@ -302,10 +236,7 @@ fn trailing_bytes_are_an_error() {
     let (mut img, mut lab) = tiny();
     img.extend_from_slice(&[0; 5]);
     let e = data::parse_idx_images("img", &img).unwrap_err();
-    assert!(
-        matches!(e.kind(), DataErrorKind::TrailingBytes { count: 3, extra: 5, .. }),
-        "{e}"
-    );
+    assert!(matches!(e.kind(), DataErrorKind::TrailingBytes { count: 3, extra: 5, .. }), "{e}");
     assert_msg(&e, "img", &["5 trailing bytes after the 3 images the header declares"]);
     lab.push(4);
     let e = data::parse_idx_labels("lab.gz", &gzip(&lab)).unwrap_err();

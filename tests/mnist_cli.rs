@@ -17,7 +17,8 @@ fn result_line(out: &Output) -> Vec<(String, String)> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "mnist failed ({:?}):\n{stdout}\n{stderr}", out.status);
-    let line = stdout.lines().rfind(|l| l.starts_with("result: ")).unwrap_or_else(|| panic!("no result line:\n{stdout}"));
+    let line =
+        stdout.lines().rfind(|l| l.starts_with("result: ")).unwrap_or_else(|| panic!("no result line:\n{stdout}"));
     common::fields(line, "result: ")
 }
 
@@ -50,7 +51,10 @@ fn every_policy_reaches_95_percent_and_mixed_is_within_half_a_point_of_float32()
         let (acc, fields) = accuracy(&["--policy", policy, "--seed", "3"]);
         assert_eq!(field(&fields, "policy"), policy);
         assert!(acc >= 0.95, "{policy}: {acc}");
-        assert!((acc - f32_acc).abs() <= 0.005 + 1e-9, "{policy}: {acc} vs float32 {f32_acc}: more than 0.5 points apart");
+        assert!(
+            (acc - f32_acc).abs() <= 0.005 + 1e-9,
+            "{policy}: {acc} vs float32 {f32_acc}: more than 0.5 points apart"
+        );
     }
 }
 
@@ -74,7 +78,10 @@ fn assert_fails_with(args: &[&str], needles: &[&str]) {
 
 #[test]
 fn unknown_policy_is_a_clear_error() {
-    assert_fails_with(&["--policy", "mixed_float8"], &["unknown precision policy", "float32, mixed_float16, mixed_bfloat16, auto"]);
+    assert_fails_with(
+        &["--policy", "mixed_float8"],
+        &["unknown precision policy", "float32, mixed_float16, mixed_bfloat16, auto"],
+    );
 }
 
 #[test]

@@ -43,11 +43,9 @@ impl core::fmt::Display for Error {
                  ({} bytes short)",
                 needed.saturating_sub(available)
             ),
-            Error::UnknownPolicy => write!(
-                f,
-                "unknown precision policy; valid names are: {}",
-                crate::policy::POLICY_NAMES
-            ),
+            Error::UnknownPolicy => {
+                write!(f, "unknown precision policy; valid names are: {}", crate::policy::POLICY_NAMES)
+            }
             Error::InvalidModel(why) => write!(f, "invalid model: {why}"),
             Error::ShapeMismatch { what, expected, got } => {
                 write!(f, "shape mismatch in {what}: expected {expected}, got {got}")
@@ -57,10 +55,9 @@ impl core::fmt::Display for Error {
             Error::LabelOutOfRange { label, classes } => {
                 write!(f, "label {label} is outside 0..{classes}")
             }
-            Error::BackendNotCompiled { backend, feature } => write!(
-                f,
-                "the {backend} backend is not compiled in: rebuild with `--features {feature}`"
-            ),
+            Error::BackendNotCompiled { backend, feature } => {
+                write!(f, "the {backend} backend is not compiled in: rebuild with `--features {feature}`")
+            }
             Error::DeviceUnavailable(why) => write!(f, "device unavailable: {why}"),
             Error::Device { what, code } => write!(f, "device error in {what} (code {code})"),
             Error::NonFinite(ref r) => write!(f, "{r}"),

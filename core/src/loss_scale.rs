@@ -152,12 +152,7 @@ pub struct DynamicLossScale {
 impl DynamicLossScale {
     pub fn new(config: DynamicConfig) -> Result<Self> {
         config.validate()?;
-        Ok(DynamicLossScale {
-            config,
-            scale: config.initial_scale,
-            good_steps: 0,
-            hysteresis_left: config.hysteresis,
-        })
+        Ok(DynamicLossScale { config, scale: config.initial_scale, good_steps: 0, hysteresis_left: config.hysteresis })
     }
 
     pub fn tensorflow() -> Self {

@@ -4,9 +4,9 @@ use heapless::Vec;
 
 use crate::backend::{ConvGeom, PoolGeom};
 use crate::dtype::DType;
-use crate::policy::Policy;
 use crate::error::{Error, Result};
 use crate::layers::{Conv2d, Flatten, Gelu, Layer, Linear, MaxPool2d, Relu, Shape, SoftmaxCrossEntropy};
+use crate::policy::Policy;
 
 /// The most layers a model holds (no heap: the list is inline).
 pub const MAX_LAYERS: usize = 32;
@@ -25,7 +25,14 @@ pub struct Model {
 impl Model {
     /// Starts a sequential model that takes samples of shape `input`.
     pub fn sequential(input: Shape) -> ModelBuilder {
-        ModelBuilder { input, current: input, layers: Vec::new(), params: 0, error: None, overrides: [None; MAX_LAYERS] }
+        ModelBuilder {
+            input,
+            current: input,
+            layers: Vec::new(),
+            params: 0,
+            error: None,
+            overrides: [None; MAX_LAYERS],
+        }
     }
 
     pub fn input(&self) -> Shape {

@@ -54,7 +54,12 @@ impl MemoryPlan {
 
     /// The plan of a trainer built with `config`: its batch, and which parameters train
     /// ([`TrainConfig::trainable`]) in which storage ([`TrainConfig::frozen_storage`]).
-    pub fn for_config(model: &Model, policy: Policy, optimizer: &Optimizer, config: &TrainConfig) -> Result<MemoryPlan> {
+    pub fn for_config(
+        model: &Model,
+        policy: Policy,
+        optimizer: &Optimizer,
+        config: &TrainConfig,
+    ) -> Result<MemoryPlan> {
         let batch = config.batch;
         if batch == 0 {
             return Err(Error::InvalidConfig("batch size must be at least 1"));
@@ -234,8 +239,7 @@ pub(crate) fn alloc_params(
         Ok((b, bytes))
     };
     let (master, master_bytes) = take(arena, DType::F32, n)?;
-    let (working, working_bytes) =
-        if policy.is_mixed() { take(arena, policy.compute, n)? } else { (master, 0) };
+    let (working, working_bytes) = if policy.is_mixed() { take(arena, policy.compute, n)? } else { (master, 0) };
     let (grad, grad_bytes) = take(arena, DType::F32, n)?;
     let states = optimizer.state_vectors();
     let (state1, s1) = if states >= 1 { take(arena, DType::F32, n)? } else { (Buf::EMPTY, 0) };
@@ -371,7 +375,11 @@ pub(crate) fn alloc_step(
         };
         let (aux_len, aux_dtype) = layer.aux_len();
         if aux_len > 0 {
-            aux[i] = if i < first { retype(shared_aux, aux_dtype, batch * aux_len) } else { arena.alloc(aux_dtype, batch * aux_len)? };
+            aux[i] = if i < first {
+                retype(shared_aux, aux_dtype, batch * aux_len)
+            } else {
+                arena.alloc(aux_dtype, batch * aux_len)?
+            };
         }
         prev = acts[i];
         let in_dtype = if i == 0 { c } else { dtypes[i - 1] };

@@ -13,6 +13,7 @@
 
 use crate::arena::{Arena, Buf, Mark};
 use crate::backend::{Backend, ParamBufs};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layers::{Bwd, Fwd, LayerParams};
 use crate::loss_scale::{DynamicLossScale, LossScale};
@@ -20,7 +21,6 @@ use crate::model::Model;
 use crate::numerics::{NonFiniteReport, Phase};
 use crate::optim::Optimizer;
 use crate::plan::{alloc_params, alloc_step, retype, MemoryPlan, StepBufs};
-use crate::dtype::DType;
 use crate::policy::Policy;
 use crate::rng::Rng;
 use crate::trainable::{ParamLayout, TensorLoc, Trainable};
@@ -348,7 +348,15 @@ impl<B: Backend> Trainer<B> {
             self.updates += 1;
             if self.check_numerics {
                 let n = self.params.master.len;
-                check_finite(&mut self.backend, self.params.master, [n, 1], None, "optimizer", "master weights", Phase::Update)?;
+                check_finite(
+                    &mut self.backend,
+                    self.params.master,
+                    [n, 1],
+                    None,
+                    "optimizer",
+                    "master weights",
+                    Phase::Update,
+                )?;
             }
         } else {
             self.skipped += 1;
@@ -470,7 +478,15 @@ impl<B: Backend> Trainer<B> {
                 }
                 if let (Some(dx), false) = (dx, layer.aliases_input()) {
                     let shape = [rows, layer.in_shape().len()];
-                    check_finite(&mut self.backend, dx, shape, Some(i), layer.kind(), "input gradient", Phase::Backward)?;
+                    check_finite(
+                        &mut self.backend,
+                        dx,
+                        shape,
+                        Some(i),
+                        layer.kind(),
+                        "input gradient",
+                        Phase::Backward,
+                    )?;
                 }
             }
             if let Some(dx) = dx {
@@ -501,7 +517,15 @@ impl<B: Backend> Trainer<B> {
             x = s.acts[i];
             if self.check_numerics {
                 let per = layer.out_shape().len();
-                check_finite(&mut self.backend, x.prefix(rows * per), [rows, per], Some(i), layer.kind(), "output", Phase::Forward)?;
+                check_finite(
+                    &mut self.backend,
+                    x.prefix(rows * per),
+                    [rows, per],
+                    Some(i),
+                    layer.kind(),
+                    "output",
+                    Phase::Forward,
+                )?;
             }
         }
         Ok(x)
@@ -509,11 +533,19 @@ impl<B: Backend> Trainer<B> {
 
     fn check_batch(&self, x: &[f32], rows: usize) -> Result<usize> {
         if rows == 0 || rows > self.config.batch {
-            return Err(Error::ShapeMismatch { what: "batch rows (1..=planned batch)", expected: self.config.batch, got: rows });
+            return Err(Error::ShapeMismatch {
+                what: "batch rows (1..=planned batch)",
+                expected: self.config.batch,
+                got: rows,
+            });
         }
         let want = rows * self.model.input().len();
         if x.len() != want {
-            return Err(Error::ShapeMismatch { what: "input values (rows x input size)", expected: want, got: x.len() });
+            return Err(Error::ShapeMismatch {
+                what: "input values (rows x input size)",
+                expected: want,
+                got: x.len(),
+            });
         }
         Ok(rows)
     }
@@ -568,7 +600,11 @@ impl<B: Backend> Trainer<B> {
     pub fn evaluate(&mut self, x: &[f32], labels: &[u32]) -> Result<Evaluation> {
         let per = self.model.input().len();
         if x.len() != labels.len() * per {
-            return Err(Error::ShapeMismatch { what: "evaluate input values", expected: labels.len() * per, got: x.len() });
+            return Err(Error::ShapeMismatch {
+                what: "evaluate input values",
+                expected: labels.len() * per,
+                got: x.len(),
+            });
         }
         let batch = self.config.batch;
         let mut eval = Evaluation { loss: 0.0, correct: 0, total: 0 };
@@ -720,7 +756,11 @@ impl<B: Backend> Trainer<B> {
     pub fn load_weights(&mut self, w: &[f32]) -> Result<()> {
         let n = self.model.param_len();
         if w.len() != n {
-            return Err(Error::ShapeMismatch { what: "weights (model parameters in model order)", expected: n, got: w.len() });
+            return Err(Error::ShapeMismatch {
+                what: "weights (model parameters in model order)",
+                expected: n,
+                got: w.len(),
+            });
         }
         self.load_weights_with(|at, chunk| {
             chunk.copy_from_slice(&w[at..at + chunk.len()]);
@@ -755,7 +795,11 @@ impl<B: Backend> Trainer<B> {
     pub fn read_weights(&mut self, out: &mut [f32]) -> Result<()> {
         let n = self.model.param_len();
         if out.len() != n {
-            return Err(Error::ShapeMismatch { what: "weights (model parameters in model order)", expected: n, got: out.len() });
+            return Err(Error::ShapeMismatch {
+                what: "weights (model parameters in model order)",
+                expected: n,
+                got: out.len(),
+            });
         }
         self.visit_weights(|at, chunk| out[at..at + chunk.len()].copy_from_slice(chunk))
     }
@@ -812,7 +856,7 @@ impl<B: Backend> Trainer<B> {
 
 /// Scans `buf` for NaN and Inf (in chunks: no heap), and reports the first tensor that holds any.
 fn check_finite<B: Backend>(
-be: &mut B,
+    be: &mut B,
     buf: Buf,
     shape: [usize; 2],
     layer: Option<usize>,
@@ -857,4 +901,3 @@ fn name_grad(name: &str) -> &'static str {
         _ => "parameter gradient",
     }
 }
-

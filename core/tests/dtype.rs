@@ -39,8 +39,21 @@ fn f32_to_f16_matches_half_on_edges_midpoints_and_random_bits() {
             check(-x);
         }
     }
-    for x in [0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e10, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-30, 5.96e-8, 2.98e-8, 2.99e-8]
-    {
+    for x in [
+        0.0,
+        -0.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        1e10,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e-30,
+        5.96e-8,
+        2.98e-8,
+        2.99e-8,
+    ] {
         check(x);
         check(-x);
     }

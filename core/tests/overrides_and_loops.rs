@@ -19,7 +19,13 @@ fn mlp(f32_head: bool) -> Model {
     if f32_head { b.dtype_policy(Policy::FLOAT32) } else { b }.build().unwrap()
 }
 
-fn new_trainer<'a>(buf: &'a mut AlignedBuf, model: Model, policy: Policy, opt: Optimizer, cfg: TrainConfig) -> Trainer<Reference<'a>> {
+fn new_trainer<'a>(
+    buf: &'a mut AlignedBuf,
+    model: Model,
+    policy: Policy,
+    opt: Optimizer,
+    cfg: TrainConfig,
+) -> Trainer<Reference<'a>> {
     Trainer::new(Reference::new(buf.bytes()), model, policy, opt, cfg).unwrap()
 }
 
@@ -34,7 +40,8 @@ fn float32_head_under_mixed_policy_is_planned_and_trains() {
     assert_eq!(mlp(true).compute_dtype(2, Policy::MIXED_BFLOAT16), DType::F32);
 
     let mut buf = AlignedBuf::new(head.total);
-    let mut t = new_trainer(&mut buf, mlp(true), Policy::MIXED_BFLOAT16, opt, TrainConfig::new(8, Policy::MIXED_BFLOAT16));
+    let mut t =
+        new_trainer(&mut buf, mlp(true), Policy::MIXED_BFLOAT16, opt, TrainConfig::new(8, Policy::MIXED_BFLOAT16));
     let (x, y) = data(8, 6, 3, 1);
     let first = t.step(&x, &y).unwrap();
     let mut last = first;
@@ -55,16 +62,20 @@ fn float32_head_reads_exact_f32_weights() {
     let plan = MemoryPlan::new(&model, Policy::MIXED_FLOAT16, &opt, 1).unwrap();
     let mut buf = AlignedBuf::new(plan.total);
     let mut t = new_trainer(&mut buf, model, Policy::MIXED_FLOAT16, opt, TrainConfig::new(1, Policy::MIXED_FLOAT16));
-    let w: Vec<f32> = vec![0.1001, -0.2003, 0.3007, 0.4001, 0.5003, -0.6007, 0.7001, 0.8003, 0.9007, 1.0001, 1.1003, -1.2007, 0.01, 0.02, 0.03];
+    let w: Vec<f32> = vec![
+        0.1001, -0.2003, 0.3007, 0.4001, 0.5003, -0.6007, 0.7001, 0.8003, 0.9007, 1.0001, 1.1003, -1.2007, 0.01, 0.02,
+        0.03,
+    ];
     t.write_master(&w).unwrap();
     let x = [1.0f32, 0.5, 0.25, 0.125]; // exact in f16
-    // Class 2's logit: sum_i w[2*4+i] * x[i] + b[2]. With f16 weights it would differ in the 4th digit.
+                                        // Class 2's logit: sum_i w[2*4+i] * x[i] + b[2]. With f16 weights it would differ in the 4th digit.
     let exact: f64 = (0..4).map(|i| w[8 + i] as f64 * x[i] as f64).sum::<f64>() + w[14] as f64;
     let mut pred = [0u32];
     t.predict(&x, &mut pred).unwrap();
     let eval = t.evaluate(&x, &[2]).unwrap();
     // loss = logsumexp(z) - z_2: recompute it in f64 from f32-exact logits.
-    let z: Vec<f64> = (0..3).map(|c| (0..4).map(|i| w[c * 4 + i] as f64 * x[i] as f64).sum::<f64>() + w[12 + c] as f64).collect();
+    let z: Vec<f64> =
+        (0..3).map(|c| (0..4).map(|i| w[c * 4 + i] as f64 * x[i] as f64).sum::<f64>() + w[12 + c] as f64).collect();
     let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
     assert!((eval.loss as f64 - (lse - exact)).abs() < 1e-5, "loss {} vs f64 {}", eval.loss, lse - exact);
 }
@@ -103,7 +114,10 @@ fn clipping_happens_after_unscaling_and_uses_the_f64_norm() {
         let mut w1 = vec![0.0f32; n];
         t.read_master(&mut w1).unwrap();
         let step_norm: f64 = w0.iter().zip(&w1).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>().sqrt();
-        assert!((step_norm - max_norm as f64).abs() <= 1e-4 * max_norm as f64 + 1e-6, "{policy}: update norm {step_norm}");
+        assert!(
+            (step_norm - max_norm as f64).abs() <= 1e-4 * max_norm as f64 + 1e-6,
+            "{policy}: update norm {step_norm}"
+        );
     }
 }
 
