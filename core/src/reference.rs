@@ -538,8 +538,8 @@ impl Backend for Reference<'_> {
                                     let i = (c * g.height + oh * g.stride + ki) * g.width + ow * g.stride + kj;
                                     // SAFETY: i < in_len for a valid geometry (checked by the layer).
                                     let v = unsafe { xv.get(n * g.in_len() + i) };
-                                    // `!(v <= best)`: strictly greater, or NaN (propagated like PyTorch).
-                                    if !(v <= best) && !best.is_nan() {
+                                    // Strictly greater, or NaN (propagated like PyTorch); ties keep the first.
+                                    if (v > best || v.is_nan()) && !best.is_nan() {
                                         best = v;
                                         best_i = i;
                                     }
@@ -680,10 +680,9 @@ impl Reference<'_> {
 #[inline(always)]
 fn act_forward(act: Activation, x: f32) -> f32 {
     match act {
+        // NaN passes through (`x > 0` is false for NaN, so test it explicitly).
         Activation::Relu => {
-            if x > 0.0 {
-                x
-            } else if x.is_nan() {
+            if x > 0.0 || x.is_nan() {
                 x
             } else {
                 0.0

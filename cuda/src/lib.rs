@@ -265,6 +265,28 @@ impl CudaBackend {
         launch(&self.stream, f, (self.grid(n, 256), 1, 1), (256, 1, 1), args)
     }
 
+    /// Launches the vectorised `{base8}` kernel (groups of 8 elements, 16-byte loads and stores) when every
+    /// array in `ptrs` is 16-byte aligned, else the scalar `{base}` kernel; both take the same arguments and
+    /// compute the same per-element results.
+    #[allow(clippy::too_many_arguments)]
+    fn run_vec(
+        &mut self,
+        fam: Family,
+        (base, base8): (&'static str, &'static str),
+        a: DType,
+        b: Option<DType>,
+        n: usize,
+        ptrs: &[u64],
+        args: &[Arg],
+    ) -> Result<()> {
+        if n >= 8 && ptrs.iter().all(|p| p % 16 == 0) {
+            let f = self.kernels.get(fam, base8, Some(a), b)?;
+            launch(&self.stream, f, (self.grid(n.div_ceil(8), 256), 1, 1), (256, 1, 1), args)
+        } else {
+            self.run(fam, base, a, b, n, args)
+        }
+    }
+
     fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(driver("stream synchronize"))
     }
@@ -419,7 +441,7 @@ impl Backend for CudaBackend {
             self.htod(staging, part)?;
             let d = self.ptr(dst) + (i * chunk * dt.size()) as u64;
             let args = [Arg::U64(staging), Arg::U64(d), Arg::U64(part.len() as u64)];
-            self.run(Family::Elementwise, "cast", DType::F32, Some(dt), part.len(), &args)?;
+            self.run_vec(Family::Elementwise, ("cast", "cast8"), DType::F32, Some(dt), part.len(), &[staging, d], &args)?;
         }
         Ok(())
     }
@@ -507,8 +529,9 @@ impl Backend for CudaBackend {
             }
             .map_err(driver("device copy"));
         }
-        let args = [Arg::U64(self.ptr(src)), Arg::U64(self.ptr(dst)), Arg::U64(src.len as u64)];
-        self.run(Family::Elementwise, "cast", s, Some(d), src.len, &args)
+        let (sp, dp) = (self.ptr(src), self.ptr(dst));
+        let args = [Arg::U64(sp), Arg::U64(dp), Arg::U64(src.len as u64)];
+        self.run_vec(Family::Elementwise, ("cast", "cast8"), s, Some(d), src.len, &[sp, dp], &args)
     }
 
     fn gemm(&mut self, g: &Gemm) -> Result<()> {
@@ -526,14 +549,11 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.enter()?;
-        let args = [
-            Arg::U64(self.ptr(y)),
-            Arg::U64(self.ptr(bias)),
-            Arg::U64(n as u64),
-            Arg::U64(channels as u64),
-            Arg::U64(inner as u64),
-        ];
-        self.run(Family::Elementwise, "add_bias", yt, Some(bt), n, &args)
+        let yp = self.ptr(y);
+        let args =
+            [Arg::U64(yp), Arg::U64(self.ptr(bias)), Arg::U64(n as u64), Arg::U64(channels as u64), Arg::U64(inner as u64)];
+        // The bias is read element by element (cached): only y needs the alignment.
+        self.run_vec(Family::Elementwise, ("add_bias", "add_bias8"), yt, Some(bt), n, &[yp], &args)
     }
 
     fn bias_grad(&mut self, dy: Buf, dbias: Buf, outer: usize, channels: usize, inner: usize) -> Result<()> {
@@ -615,8 +635,9 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.enter()?;
-        let args = [Arg::I32(act_code(act)), Arg::U64(self.ptr(x)), Arg::U64(self.ptr(y)), Arg::U64(x.len as u64)];
-        self.run(Family::Elementwise, "act_fwd", xt, Some(yt), x.len, &args)
+        let (xp, yp) = (self.ptr(x), self.ptr(y));
+        let args = [Arg::I32(act_code(act)), Arg::U64(xp), Arg::U64(yp), Arg::U64(x.len as u64)];
+        self.run_vec(Family::Elementwise, ("act_fwd", "act_fwd8"), xt, Some(yt), x.len, &[xp, yp], &args)
     }
 
     fn activation_backward(&mut self, act: Activation, x: Buf, dy: Buf, dx: Buf) -> Result<()> {
@@ -633,14 +654,9 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.enter()?;
-        let args = [
-            Arg::I32(act_code(act)),
-            Arg::U64(self.ptr(x)),
-            Arg::U64(self.ptr(dy)),
-            Arg::U64(self.ptr(dx)),
-            Arg::U64(x.len as u64),
-        ];
-        self.run(Family::Elementwise, "act_bwd", xt, Some(dt), x.len, &args)
+        let (xp, dyp, dxp) = (self.ptr(x), self.ptr(dy), self.ptr(dx));
+        let args = [Arg::I32(act_code(act)), Arg::U64(xp), Arg::U64(dyp), Arg::U64(dxp), Arg::U64(x.len as u64)];
+        self.run_vec(Family::Elementwise, ("act_bwd", "act_bwd8"), xt, Some(dt), x.len, &[xp, dyp, dxp], &args)
     }
 
     fn softmax_cross_entropy(
@@ -918,16 +934,22 @@ impl Backend for CudaBackend {
         }
         self.enter()?;
         let blocks = grad.len.div_ceil(256).min(MAX_PARTIAL_BLOCKS).min(self.sm_count as usize * 8);
-        let (sums, counts) = (self.scratch + STATS_SUM_OFF as u64, self.scratch + STATS_CNT_OFF as u64);
+        // The per-block counts follow the per-block sums (u64 after f64, both 8 bytes), so one copy (one wait)
+        // brings both back.
+        let sums = self.scratch + STATS_SUM_OFF as u64;
+        let counts = sums + (blocks * 8) as u64;
         let f = self.kernels.get(Family::Reduce, "grad_stats", Some(gt), None)?;
         let args =
             [Arg::U64(self.ptr(grad)), Arg::U64(grad.len as u64), Arg::F32(scale), Arg::U64(sums), Arg::U64(counts)];
         launch(&self.stream, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
-        let mut s = vec![0f64; blocks];
-        let mut c = vec![0u64; blocks];
-        self.dtoh(&mut s, sums)?;
-        self.dtoh(&mut c, counts)?;
-        Ok(GradStats { non_finite: c.iter().sum::<u64>() as usize, sum_sq: s.iter().sum() })
+        let mut raw = vec![0u64; 2 * blocks];
+        self.dtoh(&mut raw, sums)?;
+        let (s, c) = raw.split_at(blocks);
+        // Summed on the host in block order, as before.
+        Ok(GradStats {
+            non_finite: c.iter().sum::<u64>() as usize,
+            sum_sq: s.iter().map(|&b| f64::from_bits(b)).sum(),
+        })
     }
 
     fn sgd_step(&mut self, p: &ParamBufs, s: &SgdStep) -> Result<()> {
@@ -951,7 +973,8 @@ impl Backend for CudaBackend {
             Arg::F32(s.grad_scale),
             Arg::I32(write),
         ];
-        self.run(Family::Optim, "sgd", wt, None, n, &args)
+        let ptrs = [self.ptr(p.master), working, self.ptr(p.grad), if mom != 0 { mom } else { self.ptr(p.master) }];
+        self.run_vec(Family::Optim, ("sgd", "sgd8"), wt, None, n, &ptrs, &args)
     }
 
     fn adamw_step(&mut self, p: &ParamBufs, s: &AdamWStep) -> Result<()> {
@@ -981,7 +1004,8 @@ impl Backend for CudaBackend {
             Arg::F32(s.grad_scale),
             Arg::I32(write),
         ];
-        self.run(Family::Optim, "adamw", wt, None, n, &args)
+        let ptrs = [self.ptr(p.master), working, self.ptr(p.grad), self.ptr(p.state1), self.ptr(p.state2)];
+        self.run_vec(Family::Optim, ("adamw", "adamw8"), wt, None, n, &ptrs, &args)
     }
 
     fn synchronize(&mut self) -> Result<()> {

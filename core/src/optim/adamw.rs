@@ -40,7 +40,7 @@ impl AdamW {
         if !beta_ok(self.beta1) || !beta_ok(self.beta2) {
             return Err(Error::InvalidConfig("AdamW betas must be in [0, 1)"));
         }
-        if !(self.eps.is_finite() && self.eps > 0.0) || !finite_non_negative(self.weight_decay) {
+        if !(self.eps.is_finite() && self.eps > 0.0 && finite_non_negative(self.weight_decay)) {
             return Err(Error::InvalidConfig("AdamW eps must be > 0 and weight decay >= 0, both finite"));
         }
         Ok(())
