@@ -7,6 +7,9 @@
 //! cargo run --release --example firmware_export              # regenerate the assets (deterministic)
 //! cargo run --release --example firmware_export -- --replay  # only replay the committed assets
 //! cargo run --release --example firmware_export -- --check   # regenerate in memory, compare with the committed
+//! # or start from a base model trained by the main job, into another folder (then build the firmware with it):
+//! cargo run --release --example mnist -- --model tiny --save base.safetensors
+//! cargo run --release --example firmware_export -- --base base.safetensors --out my-assets
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -34,10 +37,15 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().map(String::as_str).unwrap_or("");
     let r = match mode {
-        "" => export(Path::new(ASSETS)),
+        "" => export(Path::new(ASSETS), None),
         "--replay" => replay(Path::new(ASSETS)),
         "--check" => check(),
-        _ => Err(format!("unknown argument {mode:?}: use no argument, --replay or --check").into()),
+        "--base" => match (args.get(1), args.get(2).map(String::as_str), args.get(3)) {
+            (Some(base), Some("--out"), Some(out)) => export(Path::new(out), Some(Path::new(base))),
+            (Some(base), None, None) => export(Path::new(ASSETS), Some(Path::new(base))),
+            _ => Err("usage: firmware_export --base CHECKPOINT [--out DIR]".into()),
+        },
+        _ => Err(format!("unknown argument {mode:?}: use no argument, --replay, --check or --base").into()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -89,7 +97,8 @@ struct Assets {
     data: Vec<u8>,
 }
 
-fn build(dir_for_checkpoint: &Path) -> Res<Assets> {
+/// `base`: a checkpoint of this model (e.g. `mnist --model tiny --save`) to start from instead of training.
+fn build(dir_for_checkpoint: &Path, base: Option<&Path>) -> Res<Assets> {
     let data = load_bundled(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/data")))?;
     let (train, test) = data.split(8000);
     let model = scenario::model()?;
@@ -108,7 +117,11 @@ fn build(dir_for_checkpoint: &Path) -> Res<Assets> {
     let mut rng = mc::rng::Rng::new(7);
     let mut x = vec![0.0f32; BASE_BATCH * INPUT];
     let mut y = vec![0u32; BASE_BATCH];
-    for epoch in 1..=BASE_EPOCHS {
+    if let Some(base) = base {
+        mantissa::checkpoint::load_file(&mut t, base)?;
+        eprintln!("base model: loaded {}", base.display());
+    }
+    for epoch in 1..=if base.is_some() { 0 } else { BASE_EPOCHS } {
         rng.shuffle(&mut order);
         let mut loss = 0.0;
         for idx in order.chunks(BASE_BATCH) {
@@ -180,9 +193,9 @@ fn build(dir_for_checkpoint: &Path) -> Res<Assets> {
     Ok(Assets { checkpoint, model: blob, data })
 }
 
-fn export(dir: &Path) -> Res<()> {
+fn export(dir: &Path, base: Option<&Path>) -> Res<()> {
     let target = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/target/firmware"));
-    let a = build(target)?;
+    let a = build(target, base)?;
     std::fs::create_dir_all(dir)?;
     mantissa::io::write_atomic(&dir.join("model.bin"), &a.model)?;
     mantissa::io::write_atomic(&dir.join("data.bin"), &a.data)?;
@@ -210,7 +223,7 @@ fn export(dir: &Path) -> Res<()> {
 
 fn check() -> Res<()> {
     let target = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/target/firmware"));
-    let a = build(target)?;
+    let a = build(target, None)?;
     for (name, bytes) in [("model.bin", &a.model), ("data.bin", &a.data)] {
         let committed = std::fs::read(Path::new(ASSETS).join(name))?;
         if &committed != bytes {

@@ -26,6 +26,9 @@ enum Arch {
     Mlp,
     /// Conv 8@5x5 -> ReLU -> MaxPool 2 -> Conv 16@5x5 -> ReLU -> MaxPool 2 -> Linear 10
     Cnn,
+    /// 14x14 input (2x2 average) -> Linear 64 -> ReLU -> Linear 32 -> ReLU -> Linear 10: small enough for a
+    /// Cortex-M4F; the base model of examples/firmware-cortex-m (`--save`, then `firmware_export --base`)
+    Tiny,
 }
 
 /// Train a digit classifier on the bundled MNIST digits with mixed precision.
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
 fn build_model(arch: Arch) -> mantissa::Result<Model> {
     match arch {
         Arch::Mlp => Model::sequential(Shape::flat(784)).linear(256).relu().linear(10).build(),
+        Arch::Tiny => Model::sequential(Shape::flat(196)).linear(64).relu().linear(32).relu().linear(10).build(),
         Arch::Cnn => Model::sequential(Shape::image(1, 28, 28))
             .conv2d(8, 5, 1, 2)
             .relu()
@@ -118,9 +122,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let arch = match args.model {
         Arch::Mlp => "mlp",
         Arch::Cnn => "cnn",
+        Arch::Tiny => "tiny",
     };
     let epochs = args.epochs.unwrap_or(match args.model {
-        Arch::Mlp => 10,
+        Arch::Mlp | Arch::Tiny => 10,
         Arch::Cnn => 8,
     });
 
@@ -154,8 +159,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    let pixels = train.pixels();
-    let test_x = to_f32(&test, (0..test.len()).collect::<Vec<_>>().as_slice());
+    let half = args.model == Arch::Tiny;
+    let pixels = if half { train.pixels() / 4 } else { train.pixels() };
+    let test_x = to_f32(&test, (0..test.len()).collect::<Vec<_>>().as_slice(), half);
     let test_y: Vec<u32> = test.labels.iter().map(|&l| u32::from(l)).collect();
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut rng = mantissa::rng::Rng::new(args.seed ^ 0x5eed);
@@ -187,7 +193,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             let rows = idx.len();
             for (r, &i) in idx.iter().enumerate() {
                 let out = &mut x[r * pixels..(r + 1) * pixels];
-                shifted(&train, i, args.shift, &mut rng, out);
+                shifted(&train, i, args.shift, &mut rng, half, out);
                 y[r] = u32::from(train.labels[i]);
             }
             let report = trainer.step(&x[..rows * pixels], &y[..rows])?;
@@ -230,31 +236,52 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Image `i` translated by a random offset in `-max..=max` pixels on each axis (zero fill), as f32 in [0, 1].
-fn shifted(set: &Mnist, i: usize, max: usize, rng: &mut mantissa::rng::Rng, out: &mut [f32]) {
+/// Image `i` translated by a random offset in `-max..=max` pixels on each axis (zero fill), as f32 in [0, 1];
+/// with `half`, then averaged over 2x2 blocks (rounded to a grey level, as the firmware's data is).
+fn shifted(set: &Mnist, i: usize, max: usize, rng: &mut mantissa::rng::Rng, half: bool, out: &mut [f32]) {
     let img = set.image(i).expect("index from 0..len");
     let span = 2 * max + 1;
     let dy = rng.below(span) as isize - max as isize;
     let dx = rng.below(span) as isize - max as isize;
     let (h, w) = (set.rows as isize, set.cols as isize);
+    let mut moved = vec![0u8; img.len()];
     for r in 0..h {
         for c in 0..w {
             let (sr, sc) = (r - dy, c - dx);
-            let v = if sr >= 0 && sr < h && sc >= 0 && sc < w { img[(sr * w + sc) as usize] } else { 0 };
-            out[(r * w + c) as usize] = f32::from(v) / 255.0;
+            if sr >= 0 && sr < h && sc >= 0 && sc < w {
+                moved[(r * w + c) as usize] = img[(sr * w + sc) as usize];
+            }
+        }
+    }
+    write_f32(&moved, set.cols, half, out);
+}
+
+/// Bytes to f32 in [0, 1], optionally 2x2-averaged first (`(a + b + c + d + 2) / 4`, as the firmware data).
+fn write_f32(img: &[u8], cols: usize, half: bool, out: &mut [f32]) {
+    if !half {
+        for (o, &b) in out.iter_mut().zip(img) {
+            *o = f32::from(b) / 255.0;
+        }
+        return;
+    }
+    let (rows, side) = (img.len() / cols, cols / 2);
+    for r in 0..rows / 2 {
+        for c in 0..side {
+            let at = |dr: usize, dc: usize| u32::from(img[(2 * r + dr) * cols + 2 * c + dc]);
+            let v = (at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1) + 2) / 4;
+            out[r * side + c] = v as f32 / 255.0;
         }
     }
 }
 
-fn to_f32(set: &Mnist, idx: &[usize]) -> Vec<f32> {
-    let p = set.pixels();
+fn to_f32(set: &Mnist, idx: &[usize], half: bool) -> Vec<f32> {
+    let p = if half { set.pixels() / 4 } else { set.pixels() };
     let mut out = vec![0.0f32; idx.len() * p];
     for (r, &i) in idx.iter().enumerate() {
-        set.image_f32(i, &mut out[r * p..(r + 1) * p]);
+        write_f32(set.image(i).expect("index from 0..len"), set.cols, half, &mut out[r * p..(r + 1) * p]);
     }
     out
 }
-
 fn save_checkpoint<B: Backend>(
     trainer: &mut Trainer<B>,
     path: &std::path::Path,

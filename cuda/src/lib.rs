@@ -48,8 +48,8 @@ const FLAG_OFF: usize = 0;
 /// Two u64 counters (count_underflow, count_correct), after the label flag.
 const COUNT_OFF: usize = 64;
 const LOSS_OFF: usize = 4096;
+/// grad_stats' per-block sums of squares (f64), followed directly by its per-block non-finite counts (u64).
 const STATS_SUM_OFF: usize = 8192;
-const STATS_CNT_OFF: usize = 16384;
 const BIG_OFF: usize = 65536;
 const BIG_BYTES: usize = SCRATCH_BYTES - BIG_OFF;
 /// At most this many blocks write per-block partial sums (the sizes of the regions above).
@@ -441,7 +441,15 @@ impl Backend for CudaBackend {
             self.htod(staging, part)?;
             let d = self.ptr(dst) + (i * chunk * dt.size()) as u64;
             let args = [Arg::U64(staging), Arg::U64(d), Arg::U64(part.len() as u64)];
-            self.run_vec(Family::Elementwise, ("cast", "cast8"), DType::F32, Some(dt), part.len(), &[staging, d], &args)?;
+            self.run_vec(
+                Family::Elementwise,
+                ("cast", "cast8"),
+                DType::F32,
+                Some(dt),
+                part.len(),
+                &[staging, d],
+                &args,
+            )?;
         }
         Ok(())
     }
@@ -550,8 +558,13 @@ impl Backend for CudaBackend {
         }
         self.enter()?;
         let yp = self.ptr(y);
-        let args =
-            [Arg::U64(yp), Arg::U64(self.ptr(bias)), Arg::U64(n as u64), Arg::U64(channels as u64), Arg::U64(inner as u64)];
+        let args = [
+            Arg::U64(yp),
+            Arg::U64(self.ptr(bias)),
+            Arg::U64(n as u64),
+            Arg::U64(channels as u64),
+            Arg::U64(inner as u64),
+        ];
         // The bias is read element by element (cached): only y needs the alignment.
         self.run_vec(Family::Elementwise, ("add_bias", "add_bias8"), yt, Some(bt), n, &[yp], &args)
     }
@@ -946,10 +959,7 @@ impl Backend for CudaBackend {
         self.dtoh(&mut raw, sums)?;
         let (s, c) = raw.split_at(blocks);
         // Summed on the host in block order, as before.
-        Ok(GradStats {
-            non_finite: c.iter().sum::<u64>() as usize,
-            sum_sq: s.iter().map(|&b| f64::from_bits(b)).sum(),
-        })
+        Ok(GradStats { non_finite: c.iter().sum::<u64>() as usize, sum_sq: s.iter().map(|&b| f64::from_bits(b)).sum() })
     }
 
     fn sgd_step(&mut self, p: &ParamBufs, s: &SgdStep) -> Result<()> {
