@@ -103,8 +103,9 @@ impl Slot {
     }
 }
 
-fn worker(slot: Arc<Slot>) {
-    let mut seen = 0;
+/// `seen` starts at the job sequence the slot was created with (not 0): a worker created after earlier jobs
+/// must not take its slot's initial `posted` value for a posted job.
+fn worker(slot: Arc<Slot>, mut seen: u64) {
     loop {
         seen = slot.next(seen);
         // SAFETY: published by `post` before `posted` (Acquire in `next`); valid until `done` is stored.
@@ -166,10 +167,10 @@ pub(crate) fn run_parts(parts: usize, work: &Work<'_>) {
             lock: Mutex::new(()),
             wake: Condvar::new(),
         });
-        let s = slot.clone();
+        let (s, first) = (slot.clone(), pool.seq);
         let spawned = std::thread::Builder::new()
             .name(format!("mantissa-gemm-{}", pool.slots.len() + 1))
-            .spawn(move || worker(s));
+            .spawn(move || worker(s, first));
         if spawned.is_err() {
             break;
         }
@@ -307,6 +308,28 @@ mod tests {
     use crate::gemm::{Elem, Task};
     use half::bf16;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Regression: workers created after earlier jobs (the pool grows from 1 to 7 workers here) used to take
+    /// their slot's initial sequence number for a posted job, panic on the empty slot and leave the next caller
+    /// waiting forever. Runs on a helper thread so that a hang fails the test instead of stalling the suite.
+    #[test]
+    fn a_pool_that_grows_keeps_every_worker_alive() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for round in 0..3 {
+                for parts in 2..=8 {
+                    let hits: Vec<AtomicUsize> = (0..parts).map(|_| AtomicUsize::new(0)).collect();
+                    run_parts(parts, &|p| {
+                        hits[p].fetch_add(1, Ordering::Relaxed);
+                    });
+                    let counts: Vec<usize> = hits.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+                    assert_eq!(counts, vec![1; parts], "round {round}, {parts} parts");
+                }
+            }
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the pool hung (a worker died?)");
+    }
 
     /// C (m, n) row-major with A (m, k) row-major and B (k, n) transposed (column-major), beta 0.5.
     fn gemm_split<TI: Elem, TC: Elem>(threads: usize, m: usize, n: usize, k: usize) -> Vec<TC> {
