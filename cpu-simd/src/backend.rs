@@ -14,6 +14,7 @@ use mantissa_core::{DType, Error, Reference, Result};
 use crate::detect::{detect, Kernel, KernelId};
 use crate::gemm::{Elem, Task};
 use crate::ops::{conv, convert, elementwise, optim, softmax, Isa};
+use crate::threads::Shared;
 
 /// Runs `$body` with `$T` bound to the element type of float dtype `$dt` (I32 is an error naming `$what`).
 macro_rules! with_float {
@@ -39,7 +40,9 @@ macro_rules! with_float {
 /// The SIMD CPU backend over a borrowed buffer: the same arena conventions as [`Reference`] (the start is
 /// rounded up to 64 bytes; every handle is checked, a bad one is an `Err`).
 ///
-/// GEMM runs on [`SimdBackend::kernel`] with up to `threads` threads; everything else on the calling thread.
+/// GEMM runs on [`SimdBackend::kernel`] with up to `threads` threads; so do the large element-wise ops (casts,
+/// bias, activations, bias gradients, optimizer updates), split into disjoint ranges that run the same
+/// per-element code, so results are bit-identical for any thread count. The rest runs on the calling thread.
 #[derive(Debug)]
 pub struct SimdBackend<'a> {
     base: *mut u8,
@@ -223,6 +226,32 @@ impl<'a> SimdBackend<'a> {
     }
 }
 
+/// Elements (or parameters) each thread must get before an element-wise op is split: handing a part to a
+/// spinning pool worker and joining it costs ~1-2 us, about what one thread spends on 16k elements of a cast.
+const MIN_ELEMS_PER_PART: usize = 1 << 14;
+
+/// Element-wise ranges are split on multiples of this (the ops' chunk, a multiple of 64 elements), so every
+/// part walks the same chunks as the single-threaded loop.
+const ALIGN_ELEMS: usize = crate::ops::CH;
+
+impl SimdBackend<'_> {
+    /// Runs `f(lo, hi)` over `0..n` in disjoint ranges that start at multiples of `align`, on up to `threads`
+    /// threads when each gets at least `min` units (`min` of at least 1), else `f(0, n)` on this thread. The
+    /// caller makes each unit's result independent of the split (same per-element code, disjoint outputs).
+    fn split_range(&self, n: usize, align: usize, min: usize, f: &(dyn Fn(usize, usize) + Sync)) {
+        let want = self.threads.min(n / min.max(1)).min(n.div_ceil(align.max(1)));
+        if want <= 1 {
+            f(0, n);
+            return;
+        }
+        let chunk = n.div_ceil(want).next_multiple_of(align.max(1));
+        crate::threads::run_parts(n.div_ceil(chunk), &|i| {
+            let lo = i * chunk;
+            f(lo, (lo + chunk).min(n));
+        });
+    }
+}
+
 type ParamSlices<'s> = (&'s mut [f32], &'s [f32], &'s mut [f32], &'s mut [f32]);
 
 /// One batched GEMM over arena pointers, shareable with worker threads.
@@ -392,9 +421,13 @@ impl Backend for SimdBackend<'_> {
             return Err(Error::InvalidConfig("cast: src and dst overlap"));
         }
         with_float!(src.dtype, "cast", S => with_float!(dst.dtype, "cast", D => {
-            // SAFETY: both checked, dst holds src.len elements; partial overlap rejected above (equal starts
-            // convert chunk by chunk, each chunk read before it is written).
-            unsafe { convert::cast::<S, D>(self.isa, self.ptr::<S>(src), self.ptr::<D>(dst), src.len) };
+            let (isa, p) = (self.isa, Shared((self.ptr::<S>(src), self.ptr::<D>(dst))));
+            self.split_range(src.len, ALIGN_ELEMS, MIN_ELEMS_PER_PART, &|lo, hi| {
+                let (s, d) = *p.get();
+                // SAFETY: both checked, dst holds src.len elements; partial overlap rejected above (equal
+                // starts convert chunk by chunk, each chunk read before it is written); parts are disjoint.
+                unsafe { convert::cast::<S, D>(isa, s.add(lo), d.add(lo), hi - lo) };
+            });
         }));
         Ok(())
     }
@@ -435,10 +468,14 @@ impl Backend for SimdBackend<'_> {
             return Err(Error::InvalidConfig("add_bias: y overlaps bias"));
         }
         with_float!(y.dtype, "add_bias", Y => with_float!(bias.dtype, "add_bias", B => {
-            // SAFETY: both checked for the lengths used, disjoint.
-            unsafe {
-                elementwise::add_bias::<Y, B>(self.isa, self.ptr(y), self.ptr(bias), outer, channels, inner)
-            };
+            let (isa, p) = (self.isa, Shared((self.ptr::<Y>(y), self.ptr::<B>(bias))));
+            let row = channels * inner;
+            // Whole rows (of `channels * inner` elements) per part.
+            self.split_range(outer, 1, MIN_ELEMS_PER_PART.div_ceil(row.max(1)), &|lo, hi| {
+                let (y, b) = *p.get();
+                // SAFETY: both checked for the lengths used, disjoint; parts write disjoint rows.
+                unsafe { elementwise::add_bias::<Y, B>(isa, y.add(lo * row), b, hi - lo, channels, inner) };
+            });
         }));
         Ok(())
     }
@@ -452,10 +489,14 @@ impl Backend for SimdBackend<'_> {
             return Err(Error::InvalidConfig("bias_grad: dy overlaps dbias"));
         }
         with_float!(dy.dtype, "bias_grad", Y => with_float!(dbias.dtype, "bias_grad", B => {
-            // SAFETY: both checked for the lengths used, disjoint.
-            unsafe {
-                elementwise::bias_grad::<Y, B>(self.isa, self.ptr(dy), self.ptr(dbias), outer, channels, inner)
-            };
+            let (isa, p) = (self.isa, Shared((self.ptr::<Y>(dy), self.ptr::<B>(dbias))));
+            // Channels per part: each channel is still summed alone, in the same order.
+            let per_channel = outer * inner;
+            self.split_range(channels, ALIGN_ELEMS, MIN_ELEMS_PER_PART.div_ceil(per_channel.max(1)), &|lo, hi| {
+                let (dy, db) = *p.get();
+                // SAFETY: both checked for the lengths used, disjoint; parts write disjoint channels of dbias.
+                unsafe { elementwise::bias_grad::<Y, B>(isa, dy, db, outer, channels, inner, lo, hi) };
+            });
         }));
         Ok(())
     }
@@ -468,8 +509,12 @@ impl Backend for SimdBackend<'_> {
             return Err(Error::InvalidConfig("activation: x and y overlap without being equal"));
         }
         with_float!(x.dtype, "activation", X => with_float!(y.dtype, "activation", Y => {
-            // SAFETY: checked; equal or disjoint.
-            unsafe { elementwise::activation::<X, Y>(self.isa, act, self.ptr(x), self.ptr(y), x.len) };
+            let (isa, p) = (self.isa, Shared((self.ptr::<X>(x), self.ptr::<Y>(y))));
+            self.split_range(x.len, ALIGN_ELEMS, MIN_ELEMS_PER_PART, &|lo, hi| {
+                let (x, y) = *p.get();
+                // SAFETY: checked; equal or disjoint; parts cover disjoint ranges.
+                unsafe { elementwise::activation::<X, Y>(isa, act, x.add(lo), y.add(lo), hi - lo) };
+            });
         }));
         Ok(())
     }
@@ -489,10 +534,14 @@ impl Backend for SimdBackend<'_> {
                 d if d == dy.dtype => self.ptr::<D>(dx),
                 d => return Err(Error::UnsupportedDType { what: "activation_backward dx (must match dy)", dtype: d }),
             };
-            // SAFETY: checked; dx equals or is disjoint from each input.
-            unsafe {
-                elementwise::activation_backward::<X, D>(self.isa, act, self.ptr(x), self.ptr(dy), dxp, x.len)
-            };
+            let (isa, p) = (self.isa, Shared((self.ptr::<X>(x), self.ptr::<D>(dy), dxp)));
+            self.split_range(x.len, ALIGN_ELEMS, MIN_ELEMS_PER_PART, &|lo, hi| {
+                let (x, dy, dx) = *p.get();
+                // SAFETY: checked; dx equals or is disjoint from each input; parts cover disjoint ranges.
+                unsafe {
+                    elementwise::activation_backward::<X, D>(isa, act, x.add(lo), dy.add(lo), dx.add(lo), hi - lo)
+                };
+            });
         }));
         Ok(())
     }
@@ -594,10 +643,26 @@ impl Backend for SimdBackend<'_> {
         with_float!(p.working.dtype, "optimizer working", W => {
             let working = self.working_ptr::<W>(p);
             // SAFETY: check_params validated and separated the buffers.
-            unsafe {
-                let (w, g, m, _) = self.param_slices(p, n, if momentum { n } else { 0 }, 0);
-                optim::sgd::<W>(self.isa, w, g, m, working, s);
-            }
+            let (w, g, m, _) = unsafe { self.param_slices(p, n, if momentum { n } else { 0 }, 0) };
+            let (isa, sh) = (self.isa, Shared((w.as_mut_ptr(), g.as_ptr(), m.as_mut_ptr(), working)));
+            self.split_range(n, ALIGN_ELEMS, MIN_ELEMS_PER_PART, &|lo, hi| {
+                let (w, g, m, wk) = *sh.get();
+                let len = hi - lo;
+                // SAFETY: parts take disjoint ranges of the validated, separated buffers (m is empty without
+                // momentum); `working` (if not null) holds n elements.
+                unsafe {
+                    let m = if momentum { core::slice::from_raw_parts_mut(m.add(lo), len) } else { &mut [] };
+                    let wk = if wk.is_null() { wk } else { wk.add(lo) };
+                    optim::sgd::<W>(
+                        isa,
+                        core::slice::from_raw_parts_mut(w.add(lo), len),
+                        core::slice::from_raw_parts(g.add(lo), len),
+                        m,
+                        wk,
+                        s,
+                    );
+                }
+            });
         });
         Ok(())
     }
@@ -607,11 +672,122 @@ impl Backend for SimdBackend<'_> {
         with_float!(p.working.dtype, "optimizer working", W => {
             let working = self.working_ptr::<W>(p);
             // SAFETY: check_params validated and separated the buffers.
-            unsafe {
-                let (w, g, m, v) = self.param_slices(p, n, n, n);
-                optim::adamw::<W>(self.isa, w, g, m, v, working, s);
-            }
+            let (w, g, m, v) = unsafe { self.param_slices(p, n, n, n) };
+            let ptrs = (w.as_mut_ptr(), g.as_ptr(), m.as_mut_ptr(), v.as_mut_ptr(), working);
+            let (isa, sh) = (self.isa, Shared(ptrs));
+            self.split_range(n, ALIGN_ELEMS, MIN_ELEMS_PER_PART, &|lo, hi| {
+                let (w, g, m, v, wk) = *sh.get();
+                let len = hi - lo;
+                // SAFETY: parts take disjoint ranges of the validated, separated buffers; `working` (if not
+                // null) holds n elements.
+                unsafe {
+                    let wk = if wk.is_null() { wk } else { wk.add(lo) };
+                    optim::adamw::<W>(
+                        isa,
+                        core::slice::from_raw_parts_mut(w.add(lo), len),
+                        core::slice::from_raw_parts(g.add(lo), len),
+                        core::slice::from_raw_parts_mut(m.add(lo), len),
+                        core::slice::from_raw_parts_mut(v.add(lo), len),
+                        wk,
+                        s,
+                    );
+                }
+            });
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SimdBackend;
+    use mantissa_core::arena::Buf;
+    use mantissa_core::backend::{Activation, AdamWStep, Backend, ParamBufs, SgdStep};
+    use mantissa_core::DType;
+
+    /// Runs every split element-wise op on `threads` threads over sizes above the split threshold (and not
+    /// multiples of the split alignment); returns the bits of every output.
+    fn run_ops(threads: usize, dt: DType) -> Vec<u32> {
+        const N: usize = 100_003;
+        let mut mem = vec![0u8; 64 * N + 4096];
+        let mut b = SimdBackend::new(&mut mem, threads).unwrap();
+        let mut off = 0;
+        let mut alloc = |len: usize, dtype: DType| {
+            let buf = Buf { offset: off, len, dtype };
+            off = buf.end().next_multiple_of(64);
+            buf
+        };
+        let data = |len: usize, seed: u32| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 20) as f32 / 512.0 - 4.0)
+                .collect()
+        };
+        let (x, y, dy, dx) = (alloc(N, dt), alloc(N, dt), alloc(N, dt), alloc(N, dt));
+        let bias = alloc(600, DType::F32);
+        let dbias = alloc(600, DType::F32);
+        let (master, grad, s1, s2, working) =
+            (alloc(N, DType::F32), alloc(N, DType::F32), alloc(N, DType::F32), alloc(N, DType::F32), alloc(N, dt));
+        b.upload(x, &data(N, 1)).unwrap();
+        b.upload(dy, &data(N, 2)).unwrap();
+        b.upload(bias, &data(600, 3)).unwrap();
+        let mut out = Vec::new();
+        let mut read = |b: &mut SimdBackend<'_>, buf: Buf| {
+            let mut v = vec![0.0f32; buf.len];
+            b.download(buf, &mut v).unwrap();
+            out.extend(v.iter().map(|x| x.to_bits()));
+        };
+        for act in [Activation::GeluTanh, Activation::Relu] {
+            b.activation(act, x, y).unwrap();
+            read(&mut b, y);
+            b.activation_backward(act, x, dy, dx).unwrap();
+            read(&mut b, dx);
+        }
+        b.cast(x, y).unwrap();
+        read(&mut b, y);
+        for (outer, channels, inner) in [(166, 600, 1), (4, 600, 41)] {
+            b.upload(y, &data(N, 4)).unwrap();
+            b.add_bias(y, bias, outer, channels, inner).unwrap();
+            read(&mut b, y);
+            b.bias_grad(y, dbias, outer, channels, inner).unwrap();
+            read(&mut b, dbias);
+        }
+        b.upload(master, &data(N, 5)).unwrap();
+        b.upload(grad, &data(N, 6)).unwrap();
+        b.fill(s1, 0.25).unwrap();
+        b.fill(s2, 0.5).unwrap();
+        let p = ParamBufs { master, working, grad, state1: s1, state2: s2 };
+        let s = AdamWStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            bias_correction1: 0.1,
+            bias_correction2: 0.001,
+            grad_scale: 0.5,
+        };
+        b.adamw_step(&p, &s).unwrap();
+        for buf in [master, working, s1, s2] {
+            read(&mut b, buf);
+        }
+        for momentum in [0.0, 0.9] {
+            let s = SgdStep { lr: 0.1, momentum, nesterov: true, weight_decay: 0.01, grad_scale: 0.5 };
+            b.sgd_step(&p, &s).unwrap();
+            for buf in [master, working, s1] {
+                read(&mut b, buf);
+            }
+        }
+        out
+    }
+
+    /// The element-wise ops split over threads give the single-threaded bits.
+    #[test]
+    fn split_elementwise_ops_are_bit_identical() {
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let one = run_ops(1, dt);
+            for threads in [2, 3] {
+                assert!(one == run_ops(threads, dt), "{dt:?}, {threads} threads");
+            }
+        }
     }
 }

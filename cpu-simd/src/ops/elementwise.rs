@@ -155,7 +155,8 @@ fn sum_lanes(x: &[f32]) -> f32 {
     chunks.remainder().iter().fold(lanes[0], |a, v| a + v)
 }
 
-/// `dbias[c] = sum over o, i of dy[o, c, i]`, f32 accumulation.
+/// `dbias[c] = sum over o, i of dy[o, c, i]`, f32 accumulation, for the channels `c` in `c_lo..c_hi` (each
+/// channel's sum does not depend on the range: the backend splits channels over threads).
 ///
 /// With `inner == 1` each channel is summed over the rows in row order, exactly as the reference (vectorised
 /// across channels). Otherwise each `inner` run is summed in 16 partial sums and added to the channel's total
@@ -163,7 +164,7 @@ fn sum_lanes(x: &[f32]) -> f32 {
 ///
 /// # Safety
 /// `dy` readable for `outer * channels * inner` elements, `dbias` writable for `channels`, not overlapping;
-/// the CPU has the features of `V`.
+/// `c_lo <= c_hi <= channels`; the CPU has the features of `V`.
 #[inline(always)]
 unsafe fn bias_grad_body<Y: Elem, B: Elem, const V: u8>(
     dy: *const Y,
@@ -171,12 +172,14 @@ unsafe fn bias_grad_body<Y: Elem, B: Elem, const V: u8>(
     outer: usize,
     channels: usize,
     inner: usize,
+    c_lo: usize,
+    c_hi: usize,
 ) {
     let (mut yb, mut acc) = ([0.0f32; CH], [0.0f32; CH]);
     if inner == 1 {
-        let mut c0 = 0;
-        while c0 < channels {
-            let len = CH.min(channels - c0);
+        let mut c0 = c_lo;
+        while c0 < c_hi {
+            let len = CH.min(c_hi - c0);
             acc[..len].fill(0.0);
             for o in 0..outer {
                 // SAFETY: o * channels + c0 + len <= outer * channels.
@@ -191,7 +194,7 @@ unsafe fn bias_grad_body<Y: Elem, B: Elem, const V: u8>(
         }
         return;
     }
-    for c in 0..channels {
+    for c in c_lo..c_hi {
         let mut total = 0.0f32;
         for o in 0..outer {
             let row = (o * channels + c) * inner;
@@ -284,8 +287,9 @@ multiversion!(
 multiversion!(
     /// # Safety
     /// As `bias_grad_body`.
-    unsafe fn bias_grad<Y: Elem, B: Elem>(dy: *const Y, dbias: *mut B, outer: usize, channels: usize, inner: usize)
-        => bias_grad_body
+    unsafe fn bias_grad<Y: Elem, B: Elem>(
+        dy: *const Y, dbias: *mut B, outer: usize, channels: usize, inner: usize, c_lo: usize, c_hi: usize,
+    ) => bias_grad_body
 );
 multiversion!(
     /// # Safety
