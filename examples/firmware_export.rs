@@ -60,14 +60,7 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// 2x2 average of a 28x28 image (rounded to nearest).
 fn downsample(img: &[u8]) -> Vec<u8> {
-    let mut out = vec![0u8; INPUT];
-    for r in 0..SIDE {
-        for c in 0..SIDE {
-            let at = |dr: usize, dc: usize| u32::from(img[(2 * r + dr) * 28 + 2 * c + dc]);
-            out[r * SIDE + c] = ((at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1) + 2) / 4) as u8;
-        }
-    }
-    out
+    mantissa::data::halve(img, 2 * SIDE)
 }
 
 /// The device's distribution shift: a pen drawing thicker strokes (3x3 dilation) on a sensor mounted off

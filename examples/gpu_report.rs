@@ -51,7 +51,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Mean step time in ms and the device bytes held, for one policy.
-pub fn time_policy(args: &Args, policy: Policy) -> Result<(f64, usize), Box<dyn std::error::Error>> {
+fn time_policy(args: &Args, policy: Policy) -> Result<(f64, usize), Box<dyn std::error::Error>> {
     let h = args.hidden;
     let model = Model::sequential(Shape::flat(784)).linear(h).gelu().linear(h).gelu().linear(10).build()?;
     let optimizer: Optimizer = AdamW::new(1e-3).weight_decay(0.01).into();

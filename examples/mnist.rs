@@ -256,21 +256,17 @@ fn shifted(set: &Mnist, i: usize, max: usize, rng: &mut mantissa::rng::Rng, half
     write_f32(&moved, set.cols, half, out);
 }
 
-/// Bytes to f32 in [0, 1], optionally 2x2-averaged first (`(a + b + c + d + 2) / 4`, as the firmware data).
+/// Bytes to f32 in [0, 1], optionally 2x2-averaged first (`mantissa::data::halve`, as the firmware data).
 fn write_f32(img: &[u8], cols: usize, half: bool, out: &mut [f32]) {
-    if !half {
-        for (o, &b) in out.iter_mut().zip(img) {
-            *o = f32::from(b) / 255.0;
-        }
-        return;
-    }
-    let (rows, side) = (img.len() / cols, cols / 2);
-    for r in 0..rows / 2 {
-        for c in 0..side {
-            let at = |dr: usize, dc: usize| u32::from(img[(2 * r + dr) * cols + 2 * c + dc]);
-            let v = (at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1) + 2) / 4;
-            out[r * side + c] = v as f32 / 255.0;
-        }
+    let halved;
+    let img = if half {
+        halved = mantissa::data::halve(img, cols);
+        &halved[..]
+    } else {
+        img
+    };
+    for (o, &b) in out.iter_mut().zip(img) {
+        *o = f32::from(b) / 255.0;
     }
 }
 

@@ -119,6 +119,20 @@ impl Mnist {
     }
 }
 
+/// An image of `cols` columns averaged over 2x2 blocks (half the width and height), each block rounded to the
+/// nearest grey level: `(a + b + c + d + 2) / 4`. The 14x14 digits of the firmware example come from here.
+pub fn halve(img: &[u8], cols: usize) -> Vec<u8> {
+    let (rows, side) = (img.len() / cols, cols / 2);
+    let mut out = vec![0u8; (rows / 2) * side];
+    for r in 0..rows / 2 {
+        for c in 0..side {
+            let at = |dr: usize, dc: usize| u32::from(img[(2 * r + dr) * cols + 2 * c + dc]);
+            out[r * side + c] = ((at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1) + 2) / 4) as u8;
+        }
+    }
+    out
+}
+
 /// The images of one IDX file, before they are paired with labels.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdxImages {

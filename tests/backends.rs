@@ -710,142 +710,40 @@ fn skipped_step(kind: BackendKind) {
     }
 }
 
-/// One module per backend, each with every test body.
+/// One module per backend, each with every test body; attributes after the kind go on every test.
 macro_rules! backend_tests {
-    ($($(#[$attr:meta])* $module:ident => $kind:expr),* $(,)?) => {$(
-        $(#[$attr])*
+    ($module:ident => $kind:expr $(, #[$attr:meta])*) => {
         mod $module {
             use super::*;
             const KIND: BackendKind = $kind;
-            #[test] fn upload_download() { super::upload_download(KIND) }
-            #[test] fn cast() { super::cast(KIND) }
-            #[test] fn fill() { super::fill(KIND) }
-            #[test] fn gemm_f32() { super::gemm(KIND, DType::F32) }
-            #[test] fn gemm_bf16() { super::gemm(KIND, DType::BF16) }
-            #[test] fn gemm_f16() { super::gemm(KIND, DType::F16) }
-            #[test] fn gemm_errors() { super::gemm_errors(KIND) }
-            #[test] fn add_bias() { super::add_bias(KIND) }
-            #[test] fn bias_grad() { super::bias_grad(KIND) }
-            #[test] fn activation() { super::activation(KIND) }
-            #[test] fn activation_backward() { super::activation_backward(KIND) }
-            #[test] fn softmax_cross_entropy() { super::softmax_cross_entropy(KIND) }
-            #[test] fn grad_stats() { super::grad_stats(KIND) }
-            #[test] fn sgd_step() { super::sgd_step(KIND) }
-            #[test] fn adamw_step() { super::adamw_step(KIND) }
-            #[test] fn conv_and_pool() { super::conv_and_pool(KIND) }
-            #[test] fn training() { super::training(KIND) }
-            #[test] fn skipped_step() { super::skipped_step(KIND) }
+            #[test] $(#[$attr])* fn upload_download() { super::upload_download(KIND) }
+            #[test] $(#[$attr])* fn cast() { super::cast(KIND) }
+            #[test] $(#[$attr])* fn fill() { super::fill(KIND) }
+            #[test] $(#[$attr])* fn gemm_f32() { super::gemm(KIND, DType::F32) }
+            #[test] $(#[$attr])* fn gemm_bf16() { super::gemm(KIND, DType::BF16) }
+            #[test] $(#[$attr])* fn gemm_f16() { super::gemm(KIND, DType::F16) }
+            #[test] $(#[$attr])* fn gemm_errors() { super::gemm_errors(KIND) }
+            #[test] $(#[$attr])* fn add_bias() { super::add_bias(KIND) }
+            #[test] $(#[$attr])* fn bias_grad() { super::bias_grad(KIND) }
+            #[test] $(#[$attr])* fn activation() { super::activation(KIND) }
+            #[test] $(#[$attr])* fn activation_backward() { super::activation_backward(KIND) }
+            #[test] $(#[$attr])* fn softmax_cross_entropy() { super::softmax_cross_entropy(KIND) }
+            #[test] $(#[$attr])* fn grad_stats() { super::grad_stats(KIND) }
+            #[test] $(#[$attr])* fn sgd_step() { super::sgd_step(KIND) }
+            #[test] $(#[$attr])* fn adamw_step() { super::adamw_step(KIND) }
+            #[test] $(#[$attr])* fn conv_and_pool() { super::conv_and_pool(KIND) }
+            #[test] $(#[$attr])* fn training() { super::training(KIND) }
+            #[test] $(#[$attr])* fn skipped_step() { super::skipped_step(KIND) }
         }
-    )*};
+    };
 }
 
-backend_tests!(reference => BackendKind::Reference, cpu_simd => BackendKind::CpuSimd);
-
+backend_tests!(reference => BackendKind::Reference);
+backend_tests!(cpu_simd => BackendKind::CpuSimd);
 // The same bodies on the GPU: built with `--features cuda`, run on a GPU machine by scripts/gpu-check.sh with
 // `--include-ignored` (`cargo test` here has no GPU, so they are ignored with that reason).
 #[cfg(feature = "cuda")]
-mod gpu {
-    use super::*;
-    macro_rules! ignored_backend_tests {
-        ($module:ident => $kind:expr) => {
-            mod $module {
-                use super::*;
-                const KIND: BackendKind = $kind;
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn upload_download() {
-                    super::upload_download(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn cast() {
-                    super::cast(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn fill() {
-                    super::fill(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn gemm_f32() {
-                    super::gemm(KIND, DType::F32)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn gemm_bf16() {
-                    super::gemm(KIND, DType::BF16)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn gemm_f16() {
-                    super::gemm(KIND, DType::F16)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn gemm_errors() {
-                    super::gemm_errors(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn add_bias() {
-                    super::add_bias(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn bias_grad() {
-                    super::bias_grad(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn activation() {
-                    super::activation(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn activation_backward() {
-                    super::activation_backward(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn softmax_cross_entropy() {
-                    super::softmax_cross_entropy(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn grad_stats() {
-                    super::grad_stats(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn sgd_step() {
-                    super::sgd_step(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn adamw_step() {
-                    super::adamw_step(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn conv_and_pool() {
-                    super::conv_and_pool(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn training() {
-                    super::training(KIND)
-                }
-                #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
-                fn skipped_step() {
-                    super::skipped_step(KIND)
-                }
-            }
-        };
-    }
-    ignored_backend_tests!(cuda => BackendKind::Cuda);
-}
+backend_tests!(cuda => BackendKind::Cuda, #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]);
 
 /// The kernel names `MANTISSA_KERNEL` accepts, slowest first.
 const KERNELS: [&str; 5] = ["scalar", "avx2", "avx512", "avx512bf16", "amx"];

@@ -47,6 +47,25 @@ impl Buf {
         self.offset + self.bytes()
     }
 
+    /// Checks that the handle lies inside an arena of `capacity` bytes and is aligned for its dtype: the test
+    /// every backend makes before touching memory. Checked arithmetic: a handle near `usize::MAX` would wrap
+    /// [`Buf::end`] and pass a plain comparison.
+    pub fn check_in(&self, capacity: usize, what: &'static str) -> Result<()> {
+        let end = self.len.checked_mul(self.dtype.size()).and_then(|n| self.offset.checked_add(n));
+        match end {
+            Some(end) if end <= capacity && self.offset % self.dtype.size() == 0 => Ok(()),
+            _ => Err(Error::ShapeMismatch { what, expected: capacity, got: end.unwrap_or(usize::MAX) }),
+        }
+    }
+
+    /// Checks that the handle holds at least `len` elements.
+    pub fn check_len(&self, len: usize, what: &'static str) -> Result<()> {
+        if self.len < len {
+            return Err(Error::ShapeMismatch { what, expected: len, got: self.len });
+        }
+        Ok(())
+    }
+
     /// Whether two buffers share any byte.
     pub const fn overlaps(&self, other: &Buf) -> bool {
         self.offset < other.end() && other.offset < self.end() && self.len > 0 && other.len > 0

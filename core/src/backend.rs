@@ -9,7 +9,7 @@
 
 use crate::arena::Buf;
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// What a backend does natively. [`crate::policy::Policy::auto`] chooses from this.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,21 +103,46 @@ impl Gemm {
         self
     }
 
-    /// The element counts each operand must hold, for validation: `(a, b, c)`.
-    pub fn extents(&self) -> (usize, usize, usize) {
-        fn extent(rows: usize, cols: usize, ld: usize, batch: usize, stride: usize) -> usize {
+    /// The element counts each operand must hold: `(a, b, c)`, or `None` when one overflows `usize`.
+    pub fn checked_extents(&self) -> Option<(usize, usize, usize)> {
+        fn extent(rows: usize, cols: usize, ld: usize, batch: usize, stride: usize) -> Option<usize> {
             if rows == 0 || cols == 0 || batch == 0 {
-                return 0;
+                return Some(0);
             }
-            (batch - 1) * stride + (rows - 1) * ld + cols
+            (batch - 1).checked_mul(stride)?.checked_add((rows - 1).checked_mul(ld)?)?.checked_add(cols)
         }
         let (ar, ac) = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };
         let (br, bc) = if self.trans_b { (self.n, self.k) } else { (self.k, self.n) };
-        (
-            extent(ar, ac, self.lda, self.batch, self.stride_a),
-            extent(br, bc, self.ldb, self.batch, self.stride_b),
-            extent(self.m, self.n, self.ldc, self.batch, self.stride_c),
-        )
+        Some((
+            extent(ar, ac, self.lda, self.batch, self.stride_a)?,
+            extent(br, bc, self.ldb, self.batch, self.stride_b)?,
+            extent(self.m, self.n, self.ldc, self.batch, self.stride_c)?,
+        ))
+    }
+
+    /// As [`Gemm::checked_extents`], saturating at `usize::MAX` (which no buffer holds).
+    pub fn extents(&self) -> (usize, usize, usize) {
+        self.checked_extents().unwrap_or((usize::MAX, usize::MAX, usize::MAX))
+    }
+
+    /// The checks every backend makes before a GEMM in an arena of `capacity` bytes: all three handles inside
+    /// it, A and B of one dtype, each operand long enough for its extent, and C overlapping neither input.
+    pub fn validate(&self, capacity: usize) -> Result<()> {
+        self.a.check_in(capacity, "gemm A")?;
+        self.b.check_in(capacity, "gemm B")?;
+        self.c.check_in(capacity, "gemm C")?;
+        if self.a.dtype != self.b.dtype {
+            return Err(Error::UnsupportedDType { what: "gemm B (must match A)", dtype: self.b.dtype });
+        }
+        let (ea, eb, ec) =
+            self.checked_extents().ok_or(Error::InvalidConfig("gemm: operand extent overflows usize"))?;
+        self.a.check_len(ea, "gemm A")?;
+        self.b.check_len(eb, "gemm B")?;
+        self.c.check_len(ec, "gemm C")?;
+        if self.c.overlaps(&self.a) || self.c.overlaps(&self.b) {
+            return Err(Error::InvalidConfig("gemm: C overlaps an input"));
+        }
+        Ok(())
     }
 
     /// Floating-point operations (2 per multiply-add).

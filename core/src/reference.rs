@@ -66,19 +66,11 @@ impl<'a> Reference<'a> {
     }
 
     fn check(&self, b: Buf, what: &'static str) -> Result<()> {
-        // Checked arithmetic: `Buf::end` wraps for a handle near `usize::MAX`, which would pass the test below.
-        let end = b.len.checked_mul(b.dtype.size()).and_then(|n| b.offset.checked_add(n));
-        match end {
-            Some(end) if end <= self.capacity && b.offset % b.dtype.size() == 0 => Ok(()),
-            _ => Err(Error::ShapeMismatch { what, expected: self.capacity, got: end.unwrap_or(usize::MAX) }),
-        }
+        b.check_in(self.capacity, what)
     }
 
     fn check_len(b: Buf, len: usize, what: &'static str) -> Result<()> {
-        if b.len < len {
-            return Err(Error::ShapeMismatch { what, expected: len, got: b.len });
-        }
-        Ok(())
+        b.check_len(len, what)
     }
 
     fn ptr<T>(&self, b: Buf) -> *mut T {
@@ -256,19 +248,7 @@ impl Backend for Reference<'_> {
     }
 
     fn gemm(&mut self, g: &Gemm) -> Result<()> {
-        self.check(g.a, "gemm A")?;
-        self.check(g.b, "gemm B")?;
-        self.check(g.c, "gemm C")?;
-        if g.a.dtype != g.b.dtype {
-            return Err(Error::UnsupportedDType { what: "gemm B (must match A)", dtype: g.b.dtype });
-        }
-        let (ea, eb, ec) = checked_extents(g).ok_or(Error::InvalidConfig("gemm: operand extent overflows usize"))?;
-        Self::check_len(g.a, ea, "gemm A")?;
-        Self::check_len(g.b, eb, "gemm B")?;
-        Self::check_len(g.c, ec, "gemm C")?;
-        if g.c.overlaps(&g.a) || g.c.overlaps(&g.b) {
-            return Err(Error::InvalidConfig("gemm: C overlaps an input"));
-        }
+        g.validate(self.capacity)?;
         with_float!(g.a.dtype, "gemm A", A => with_float!(g.c.dtype, "gemm C", C => {
             let (a, b, c) = (self.view::<A>(g.a), self.view::<A>(g.b), self.view_mut::<C>(g.c));
             // SAFETY: the extents of all three operands were checked against their buffers above.
@@ -712,24 +692,6 @@ fn act_derivative(act: Activation, x: f32) -> f32 {
             0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_S * (1.0 + 3.0 * GELU_C * x2)
         }
     }
-}
-
-/// [`Gemm::extents`] with checked arithmetic: `None` when a stride or leading dimension overflows `usize`
-/// (the unchecked sum would wrap to a small extent that passes the length checks).
-fn checked_extents(g: &Gemm) -> Option<(usize, usize, usize)> {
-    fn extent(rows: usize, cols: usize, ld: usize, batch: usize, stride: usize) -> Option<usize> {
-        if rows == 0 || cols == 0 || batch == 0 {
-            return Some(0);
-        }
-        (batch - 1).checked_mul(stride)?.checked_add((rows - 1).checked_mul(ld)?)?.checked_add(cols)
-    }
-    let (ar, ac) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
-    let (br, bc) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
-    Some((
-        extent(ar, ac, g.lda, g.batch, g.stride_a)?,
-        extent(br, bc, g.ldb, g.batch, g.stride_b)?,
-        extent(g.m, g.n, g.ldc, g.batch, g.stride_c)?,
-    ))
 }
 
 /// sqrt(2 / pi)

@@ -117,17 +117,11 @@ impl<'a> SimdBackend<'a> {
     }
 
     fn check(&self, b: Buf, what: &'static str) -> Result<()> {
-        if b.end() > self.capacity || !b.offset.is_multiple_of(b.dtype.size()) {
-            return Err(Error::ShapeMismatch { what, expected: self.capacity, got: b.end() });
-        }
-        Ok(())
+        b.check_in(self.capacity, what)
     }
 
     fn check_len(b: Buf, len: usize, what: &'static str) -> Result<()> {
-        if b.len < len {
-            return Err(Error::ShapeMismatch { what, expected: len, got: b.len });
-        }
-        Ok(())
+        b.check_len(len, what)
     }
 
     /// Typed pointer to a checked buffer (in bounds, aligned for its element size; the base is 64-aligned).
@@ -433,19 +427,7 @@ impl Backend for SimdBackend<'_> {
     }
 
     fn gemm(&mut self, g: &Gemm) -> Result<()> {
-        self.check(g.a, "gemm A")?;
-        self.check(g.b, "gemm B")?;
-        self.check(g.c, "gemm C")?;
-        if g.a.dtype != g.b.dtype {
-            return Err(Error::UnsupportedDType { what: "gemm B (must match A)", dtype: g.b.dtype });
-        }
-        let (ea, eb, ec) = g.extents();
-        Self::check_len(g.a, ea, "gemm A")?;
-        Self::check_len(g.b, eb, "gemm B")?;
-        Self::check_len(g.c, ec, "gemm C")?;
-        if g.c.overlaps(&g.a) || g.c.overlaps(&g.b) {
-            return Err(Error::InvalidConfig("gemm: C overlaps an input"));
-        }
+        g.validate(self.capacity)?;
         if g.m > 1 && g.ldc < g.n {
             return Err(Error::InvalidConfig("gemm: ldc < n makes rows of C overlap"));
         }

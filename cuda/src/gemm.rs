@@ -13,23 +13,6 @@ use mantissa_core::{DType, Error, Result};
 use crate::kernels::{launch, Arg, Family};
 use crate::CudaBackend;
 
-/// [`Gemm::extents`] with checked arithmetic (as the reference validates).
-fn checked_extents(g: &Gemm) -> Option<(usize, usize, usize)> {
-    fn extent(rows: usize, cols: usize, ld: usize, batch: usize, stride: usize) -> Option<usize> {
-        if rows == 0 || cols == 0 || batch == 0 {
-            return Some(0);
-        }
-        (batch - 1).checked_mul(stride)?.checked_add((rows - 1).checked_mul(ld)?)?.checked_add(cols)
-    }
-    let (ar, ac) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
-    let (br, bc) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
-    Some((
-        extent(ar, ac, g.lda, g.batch, g.stride_a)?,
-        extent(br, bc, g.ldb, g.batch, g.stride_b)?,
-        extent(g.m, g.n, g.ldc, g.batch, g.stride_c)?,
-    ))
-}
-
 fn cuda_type(d: DType) -> blas::cudaDataType {
     match d {
         DType::F16 => blas::cudaDataType::CUDA_R_16F,
@@ -61,19 +44,7 @@ fn cublas_takes(g: &Gemm) -> bool {
 }
 
 pub(crate) fn gemm(be: &mut CudaBackend, g: &Gemm) -> Result<()> {
-    be.check(g.a, "gemm A")?;
-    be.check(g.b, "gemm B")?;
-    be.check(g.c, "gemm C")?;
-    if g.a.dtype != g.b.dtype {
-        return Err(Error::UnsupportedDType { what: "gemm B (must match A)", dtype: g.b.dtype });
-    }
-    let (ea, eb, ec) = checked_extents(g).ok_or(Error::InvalidConfig("gemm: operand extent overflows usize"))?;
-    CudaBackend::check_len(g.a, ea, "gemm A")?;
-    CudaBackend::check_len(g.b, eb, "gemm B")?;
-    CudaBackend::check_len(g.c, ec, "gemm C")?;
-    if g.c.overlaps(&g.a) || g.c.overlaps(&g.b) {
-        return Err(Error::InvalidConfig("gemm: C overlaps an input"));
-    }
+    g.validate(be.capacity)?;
     let at = CudaBackend::float(g.a, "gemm A")?;
     let ct = CudaBackend::float(g.c, "gemm C")?;
     if g.m == 0 || g.n == 0 || g.batch == 0 {

@@ -312,19 +312,11 @@ impl CudaBackend {
     }
 
     fn check(&self, b: Buf, what: &'static str) -> Result<()> {
-        // As the reference: checked arithmetic, inside the arena, aligned for the element size.
-        let end = b.len.checked_mul(b.dtype.size()).and_then(|n| b.offset.checked_add(n));
-        match end {
-            Some(end) if end <= self.capacity && b.offset % b.dtype.size() == 0 => Ok(()),
-            _ => Err(Error::ShapeMismatch { what, expected: self.capacity, got: end.unwrap_or(usize::MAX) }),
-        }
+        b.check_in(self.capacity, what)
     }
 
     fn check_len(b: Buf, len: usize, what: &'static str) -> Result<()> {
-        if b.len < len {
-            return Err(Error::ShapeMismatch { what, expected: len, got: b.len });
-        }
-        Ok(())
+        b.check_len(len, what)
     }
 
     fn float(b: Buf, what: &'static str) -> Result<DType> {
