@@ -8,6 +8,7 @@
 //! - Outputs never overlap inputs unless an op says it works in place.
 
 use crate::arena::Buf;
+use crate::control;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
@@ -264,6 +265,59 @@ pub struct AdamWStep {
     pub grad_scale: f32,
 }
 
+/// What a fused GEMM does to its product before storing it (cuBLASLt's epilogues). The GEMM must be a single
+/// problem (`batch == 1`) with `alpha == 1` and `beta == 0`; `pre` and the result share C's dtype and layout
+/// (`[m, n]`, leading dimension `ldc`); vectors run along `n`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Epilogue {
+    /// `C = A B + bias` (`bias: [n]`, any float dtype).
+    Bias { bias: Buf },
+    /// `pre = A B + bias`, `C = act(pre)`: a linear layer and the activation after it.
+    BiasAct { bias: Buf, act: Activation, pre: Buf },
+    /// `C = (A B) * act'(pre)` and, when given, `dbias[j] = sum_i C[i, j]` (f32, overwritten): the input
+    /// gradient of a linear layer through the activation before it, and that activation's linear layer's bias
+    /// gradient.
+    ActGrad { act: Activation, pre: Buf, dbias: Option<Buf> },
+}
+
+/// [`Backend::gemm_fused`] composed from unfused ops: the specification, and what host backends run. Each
+/// intermediate is stored in C's dtype, as the unfused layers do.
+pub fn gemm_fused_composed<B: Backend + ?Sized>(be: &mut B, g: &Gemm, ep: &Epilogue) -> Result<()> {
+    if g.batch != 1 || g.alpha != 1.0 || g.beta != 0.0 || g.ldc != g.n {
+        return Err(Error::InvalidConfig("gemm_fused: one dense problem with alpha 1 and beta 0"));
+    }
+    let len = g.m * g.n;
+    g.c.check_len(len, "gemm_fused C")?;
+    match *ep {
+        Epilogue::Bias { bias } => {
+            be.gemm(g)?;
+            be.add_bias(g.c.prefix(len), bias, g.m, g.n, 1)
+        }
+        Epilogue::BiasAct { bias, act, pre } => {
+            pre.check_len(len, "gemm_fused pre-activation")?;
+            if pre.dtype != g.c.dtype || pre.overlaps(&g.c) {
+                return Err(Error::InvalidConfig("gemm_fused: pre-activation must match C's dtype and not overlap C"));
+            }
+            be.gemm(&Gemm { c: pre, ..*g })?;
+            be.add_bias(pre.prefix(len), bias, g.m, g.n, 1)?;
+            be.activation(act, pre.prefix(len), g.c.prefix(len))
+        }
+        Epilogue::ActGrad { act, pre, dbias } => {
+            pre.check_len(len, "gemm_fused pre-activation")?;
+            if pre.dtype != g.c.dtype || pre.overlaps(&g.c) {
+                return Err(Error::InvalidConfig("gemm_fused: pre-activation must match C's dtype and not overlap C"));
+            }
+            be.gemm(g)?;
+            let c = g.c.prefix(len);
+            be.activation_backward(act, pre.prefix(len), c, c)?;
+            match dbias {
+                Some(db) => be.bias_grad(c, db, g.m, g.n, 1),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
 /// The operations of a training step over buffers in the backend's arena.
 ///
 /// Every method validates its handles against the arena and the op's dtype rules and returns an error
@@ -418,4 +472,135 @@ pub trait Backend {
     fn synchronize(&mut self) -> Result<()> {
         Ok(())
     }
+
+    /// A GEMM with a fused epilogue (see [`Epilogue`]). The provided version composes unfused ops.
+    fn gemm_fused(&mut self, g: &Gemm, ep: &Epilogue) -> Result<()> {
+        gemm_fused_composed(self, g, ep)
+    }
+
+    // ---- Steps decided where the data is (see `crate::control`). `ctl` is the control block: an I32 buffer
+    // of `control::WORDS` words. The provided versions read it back, compute on the host and write it again.
+
+    /// [`Backend::softmax_cross_entropy`] with `grad_scale` further multiplied by the block's loss scale.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_cross_entropy_scaled(
+        &mut self,
+        logits: Buf,
+        labels: Buf,
+        rows: usize,
+        classes: usize,
+        loss: Buf,
+        dlogits: Buf,
+        grad_scale: f32,
+        ctl: Buf,
+    ) -> Result<()> {
+        let c = read_control(self, ctl)?;
+        let s = c.f32(control::SCALE);
+        self.softmax_cross_entropy(logits, labels, rows, classes, loss, dlogits, grad_scale * s)
+    }
+
+    /// [`Backend::count_correct`], written to the block's `LAST_CORRECT` word.
+    fn count_correct_to(&mut self, logits: Buf, labels: Buf, rows: usize, classes: usize, ctl: Buf) -> Result<()> {
+        let n = self.count_correct(logits, labels, rows, classes)?;
+        let mut c = read_control(self, ctl)?;
+        c.words[control::LAST_CORRECT] = n as u32;
+        write_control(self, ctl, &c)
+    }
+
+    /// [`Backend::count_underflow`], written to the block's `LAST_FLUSHED` and `LAST_NON_ZERO` words.
+    fn count_underflow_to(&mut self, src: Buf, dtype: DType, ctl: Buf) -> Result<()> {
+        let (flushed, non_zero) = self.count_underflow(src, dtype)?;
+        let mut c = read_control(self, ctl)?;
+        c.words[control::LAST_FLUSHED] = flushed as u32;
+        c.words[control::LAST_NON_ZERO] = non_zero as u32;
+        write_control(self, ctl, &c)
+    }
+
+    /// The decision of a step: unscales and checks `grad` with the block's scale ([`Backend::grad_stats`]),
+    /// copies `loss[0]` (f32) to `LAST_LOSS`, and runs [`control::decide`].
+    fn step_control(&mut self, ctl: Buf, grad: Buf, loss: Buf, rule: &control::StepRule) -> Result<()> {
+        let mut c = read_control(self, ctl)?;
+        let stats = self.grad_stats(grad, 1.0 / c.f32(control::SCALE))?;
+        let mut l = [0.0f32];
+        self.download(loss.prefix(1), &mut l)?;
+        c.set_f32(control::LAST_LOSS, l[0]);
+        control::decide(&mut c, rule, stats.non_finite as u64, stats.sum_sq);
+        write_control(self, ctl, &c)
+    }
+
+    /// [`Backend::adamw_step`] when the block says the last step applies, with its gradient multiplier and
+    /// bias corrections (those fields of `s` are ignored); nothing otherwise.
+    fn adamw_step_gated(&mut self, p: &ParamBufs, s: &AdamWStep, ctl: Buf) -> Result<()> {
+        let c = read_control(self, ctl)?;
+        if c.words[control::LAST_APPLIED] == 0 {
+            return Ok(());
+        }
+        let s = AdamWStep {
+            grad_scale: c.f32(control::GRAD_MUL),
+            bias_correction1: c.f32(control::BIAS_CORRECTION1),
+            bias_correction2: c.f32(control::BIAS_CORRECTION2),
+            ..*s
+        };
+        self.adamw_step(p, &s)
+    }
+
+    /// [`Backend::sgd_step`] when the block says the last step applies, with its gradient multiplier.
+    fn sgd_step_gated(&mut self, p: &ParamBufs, s: &SgdStep, ctl: Buf) -> Result<()> {
+        let c = read_control(self, ctl)?;
+        if c.words[control::LAST_APPLIED] == 0 {
+            return Ok(());
+        }
+        self.sgd_step(p, &SgdStep { grad_scale: c.f32(control::GRAD_MUL), ..*s })
+    }
+
+    // ---- Recording (CUDA graphs). A backend that queues work can record a sequence of ops once and replay it;
+    // the provided versions say it cannot, and the trainer then simply runs the ops.
+
+    /// Starts recording: the ops that follow are recorded, not run, until [`Backend::record_end`]. Returns
+    /// `false` (and changes nothing) when the backend does not record.
+    fn record_begin(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Ends the recording. With `keep`, returns an id for [`Backend::replay`]; without, discards it (an op
+    /// failed while recording).
+    fn record_end(&mut self, keep: bool) -> Result<Option<usize>> {
+        let _ = keep;
+        Err(Error::InvalidConfig("record_end without record_begin"))
+    }
+
+    /// Runs recording `id` again (same buffers, same constants).
+    fn replay(&mut self, id: usize) -> Result<()> {
+        let _ = id;
+        Err(Error::InvalidConfig("this backend has no recordings"))
+    }
+
+    /// Frees every recording (their ids become invalid).
+    fn clear_recordings(&mut self) {}
+}
+
+/// Reads the control block `ctl` (I32, [`control::WORDS`] long) to the host.
+pub fn read_control<B: Backend + ?Sized>(be: &mut B, ctl: Buf) -> Result<control::Control> {
+    check_control(ctl)?;
+    let mut bytes = [0u8; control::WORDS * 4];
+    be.download_bytes(ctl, &mut bytes)?;
+    Ok(control::Control::from_bytes(&bytes))
+}
+
+/// Writes the control block `ctl` from the host.
+pub fn write_control<B: Backend + ?Sized>(be: &mut B, ctl: Buf, c: &control::Control) -> Result<()> {
+    check_control(ctl)?;
+    be.upload_bytes(ctl, &c.to_bytes())
+}
+
+/// The control block is an I32 buffer of exactly [`control::WORDS`] words.
+pub fn check_control(ctl: Buf) -> Result<()> {
+    if ctl.dtype != DType::I32 {
+        return Err(Error::UnsupportedDType { what: "step control block (I32)", dtype: ctl.dtype });
+    }
+    ctl.check_len(control::WORDS, "step control block")?;
+    if ctl.len != control::WORDS {
+        return Err(Error::ShapeMismatch { what: "step control block words", expected: control::WORDS, got: ctl.len });
+    }
+    Ok(())
 }

@@ -13,6 +13,7 @@ mod fmt;
 pub mod arena;
 pub mod backend;
 pub mod checkpoint;
+pub mod control;
 pub mod dtype;
 pub mod error;
 pub mod layers;
