@@ -17,6 +17,11 @@
 //! - grad_stats: non-finite count exact; `sum_sq` within `1e-12` relative (f64 sums in another order).
 //! - sgd / adamw: master and state within 1e-6 relative; the working copy equals the backend's own new master
 //!   rounded to the working dtype, bit-exact.
+//! - gemm_fused: against the reference's composition of unfused ops: the gemm tolerance at the scale of the
+//!   sum (bias included) plus two roundings of the intermediate, times 1.2 (the activation's slope), plus
+//!   `2 ulp(out)` and `rel (1 + |out|)` with rel = 2e-6 for f32 and 1e-3 for 16-bit outputs (a fused epilogue
+//!   evaluates GELU with its own tanh); the bias gradient sums its column's tolerances.
+//! - queued (and recorded) steps against step-by-step training on the same backend: bit-exact.
 //! - training, 20 steps: losses within `1e-5 (1 + |loss|)` under float32, `2e-3 (1 + |loss|)` under the mixed
 //!   policies (one flipped 16-bit rounding early in training shifts later losses by about a 16-bit ulp).
 //!
@@ -24,7 +29,7 @@
 //! (`scripts/test-kernels.sh` runs each one the CPU has) and `forced_kernel_is_used` checks it really did.
 #![cfg(feature = "std")]
 
-use mantissa::backend::{Activation, AdamWStep, ConvGeom, Gemm, ParamBufs, PoolGeom, SgdStep};
+use mantissa::backend::{Activation, AdamWStep, ConvGeom, Epilogue, Gemm, ParamBufs, PoolGeom, SgdStep};
 use mantissa::backends::{simd_kernel_available, AnyBackend, BackendKind};
 use mantissa::host::HostBuffer;
 use mantissa::{
@@ -710,6 +715,162 @@ fn skipped_step(kind: BackendKind) {
     }
 }
 
+/// `gemm_fused` against the reference's composition of unfused ops, every epilogue, each float dtype, the
+/// transposes the linear layers use.
+fn gemm_fused(kind: BackendKind) {
+    with_rig(kind, 8 << 20, |r| {
+        for dt in FLOATS {
+            for (m, n, k, tb) in [(7, 24, 13, true), (5, 17, 9, false), (64, 40, 72, true), (33, 48, 64, false)] {
+                for (e, act) in [
+                    (0, Activation::GeluTanh),
+                    (1, Activation::GeluTanh),
+                    (1, Activation::Relu),
+                    (2, Activation::GeluTanh),
+                    (2, Activation::Relu),
+                    (3, Activation::GeluTanh),
+                ] {
+                    let mark = r.arena.mark();
+                    let (a, b, c, pre) =
+                        (r.alloc(dt, m * k), r.alloc(dt, k * n), r.alloc(dt, m * n), r.alloc(dt, m * n));
+                    let (bias, dbias) = (r.alloc(dt, n), r.alloc(DType::F32, n));
+                    let va = r.rand(m * k, -1.0, 1.0);
+                    let vb = r.rand(k * n, -1.0, 1.0);
+                    let vbias = r.rand(n, -0.5, 0.5);
+                    let vpre = r.rand(m * n, -3.0, 3.0);
+                    r.set(a, &va);
+                    r.set(b, &vb);
+                    r.set(bias, &vbias);
+                    r.set(pre, &vpre);
+                    r.set(c, &vec![f32::NAN; m * n]);
+                    r.set(dbias, &vec![f32::NAN; n]);
+                    let mut g = Gemm::new(m, n, k, a, b, c);
+                    if tb {
+                        g = g.b_t(k);
+                    }
+                    let ep = match e {
+                        0 => Epilogue::Bias { bias },
+                        1 => Epilogue::BiasAct { bias, act, pre },
+                        2 => Epilogue::ActGrad { act, pre, dbias: Some(dbias) },
+                        _ => Epilogue::ActGrad { act, pre, dbias: None },
+                    };
+                    r.run(|be| be.gemm_fused(&g, &ep));
+                    let (_, av) = r.get(a);
+                    let (_, bv) = r.get(b);
+                    let (_, biasv) = r.get(bias);
+                    // Per element: the GEMM's tolerance at the scale of its sum (bias included), carried through
+                    // the activation (slope <= 1.2) with one more rounding of the intermediate; 16-bit results
+                    // also allow 1e-3 relative (a fused epilogue evaluates GELU with its own tanh).
+                    let mut tol = vec![0.0f32; m * n];
+                    for i in 0..m {
+                        for j in 0..n {
+                            let mut s = biasv[j].abs() as f64;
+                            for p in 0..k {
+                                let bi = if tb { j * k + p } else { p * n + j };
+                                s += (av[i * k + p] as f64 * bv[bi] as f64).abs();
+                            }
+                            let s = s as f32;
+                            tol[i * n + j] = 1.2 * (1e-5 * (k as f32).sqrt() * s + 2.0 * ulp(dt, s));
+                        }
+                    }
+                    let what = format!("gemm_fused {ep:?} {dt} {m}x{n}x{k} tb={tb}");
+                    let rel = if dt == DType::F32 { 2e-6 } else { 1e-3 };
+                    let (got, want) = r.get(c);
+                    assert_close(&what, &got, &want, |i| tol[i] + 2.0 * ulp(dt, want[i]) + rel * (1.0 + want[i].abs()));
+                    if let Epilogue::BiasAct { .. } = ep {
+                        let (got, want) = r.get(pre);
+                        assert_close(&format!("{what} pre"), &got, &want, |i| tol[i] + ulp(dt, want[i]));
+                    }
+                    if e == 2 {
+                        let (got, want) = r.get(dbias);
+                        let (_, cv) = r.get(c);
+                        assert_close(&format!("{what} dbias"), &got, &want, |j| {
+                            (0..m)
+                                .map(|i| {
+                                    tol[i * n + j] + 2.0 * ulp(dt, cv[i * n + j]) + rel * (1.0 + cv[i * n + j].abs())
+                                })
+                                .sum::<f32>()
+                        });
+                    }
+                    r.arena.release(mark);
+                }
+            }
+        }
+    });
+}
+
+/// Steps queued without reports (and, on a device backend, recorded once and replayed) change the model
+/// exactly as the same steps taken one at a time with a report each and no recording: weights, optimizer state
+/// and the control block bit-identical, through a skipped step, a dynamic scale that grows, a new learning
+/// rate and a change of batch rows.
+fn queued_steps(kind: BackendKind) {
+    if !kind.compiled() {
+        eprintln!("skipped: the {} backend is not compiled in", kind.name());
+        return;
+    }
+    let model = Model::sequential(Shape::flat(24)).linear(40).gelu().linear(32).gelu().linear(6).build().unwrap();
+    let batch = 9;
+    let x: Vec<f32> = (0..batch * 24).map(|i| ((i * 37 % 23) as f32 - 11.0) / 11.0).collect();
+    let y: Vec<u32> = (0..batch as u32).map(|i| i % 6).collect();
+    let mut bad = x.clone();
+    bad[30] = f32::INFINITY;
+    for policy in [Policy::FLOAT32, Policy::MIXED_BFLOAT16, Policy::MIXED_FLOAT16] {
+        let opt = Optimizer::from(AdamW::new(1e-2));
+        let plan = MemoryPlan::new(&model, policy, &opt, batch).unwrap();
+        let scale = mantissa::LossScale::Dynamic(
+            mantissa::DynamicLossScale::new(
+                mantissa::DynamicConfig::pytorch().initial_scale(1024.0).growth_interval(3),
+            )
+            .unwrap(),
+        );
+        let cfg = TrainConfig::new(batch, policy).seed(3).loss_scale(scale).clip_norm(0.5);
+        let mut bufs = [HostBuffer::new(plan.total).unwrap(), HostBuffer::new(plan.total).unwrap()];
+        let [b0, b1] = &mut bufs;
+        let mut queued =
+            Trainer::new(AnyBackend::open(kind, b0.as_mut_slice()).unwrap(), model.clone(), policy, opt, cfg).unwrap();
+        let mut stepped =
+            Trainer::new(AnyBackend::open(kind, b1.as_mut_slice()).unwrap(), model.clone(), policy, opt, cfg).unwrap();
+        stepped.set_graphs(false);
+        let mut last = None;
+        // (batch, rows, steps): good data, a non-finite batch (skipped), good data again with fewer rows.
+        for (data, rows, steps, lr) in
+            [(&x, batch, 4, None), (&bad, batch, 1, None), (&x, batch, 3, Some(5e-3)), (&x, batch - 2, 2, None)]
+        {
+            for t in [&mut queued, &mut stepped] {
+                if let Some(lr) = lr {
+                    t.set_lr(lr).unwrap();
+                }
+                t.stage(data, &y).unwrap();
+            }
+            let mut want = None;
+            for _ in 0..steps {
+                queued.queue_staged(rows).unwrap();
+                want = Some(stepped.step_staged(rows).unwrap());
+            }
+            let got = queued.report().unwrap();
+            let want = want.unwrap();
+            let what = format!("queued steps {policy} rows={rows}");
+            assert_eq!(format!("{got:?}"), format!("{want:?}"), "{what}: reports differ");
+            if data == &bad {
+                assert!(got.skipped, "{what}: the non-finite batch must be skipped");
+            }
+            last = Some(got);
+        }
+        let p = *queued.params();
+        for (name, b) in [("master", p.master), ("working", p.working), ("m", p.state1), ("v", p.state2)] {
+            let mut a = vec![0u8; b.bytes()];
+            let mut c = vec![0u8; b.bytes()];
+            queued.backend_mut().download_bytes(b, &mut a).unwrap();
+            stepped.backend_mut().download_bytes(b, &mut c).unwrap();
+            assert!(a == c, "queued steps {policy}: {name} differs from step-by-step training");
+        }
+        assert_eq!(queued.updates(), stepped.updates());
+        assert_eq!(queued.skipped(), 1, "{policy}");
+        assert_eq!(format!("{:?}", queued.loss_scale()), format!("{:?}", stepped.loss_scale()));
+        // The scale grew after 3 finite steps, halved on the skip, and grew again.
+        assert!(last.unwrap().loss_scale > 1024.0, "{policy}: {:?}", queued.loss_scale());
+    }
+}
+
 /// One module per backend, each with every test body; attributes after the kind go on every test.
 macro_rules! backend_tests {
     ($module:ident => $kind:expr $(, #[$attr:meta])*) => {
@@ -734,6 +895,8 @@ macro_rules! backend_tests {
             #[test] $(#[$attr])* fn conv_and_pool() { super::conv_and_pool(KIND) }
             #[test] $(#[$attr])* fn training() { super::training(KIND) }
             #[test] $(#[$attr])* fn skipped_step() { super::skipped_step(KIND) }
+            #[test] $(#[$attr])* fn gemm_fused() { super::gemm_fused(KIND) }
+            #[test] $(#[$attr])* fn queued_steps() { super::queued_steps(KIND) }
         }
     };
 }

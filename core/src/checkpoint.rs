@@ -82,6 +82,7 @@ pub fn checkpoint_len<B: Backend>(trainer: &Trainer<B>) -> usize {
 /// `out` may be longer; the bytes after the checkpoint are not touched.
 pub fn save<B: Backend>(trainer: &mut Trainer<B>, out: &mut [u8]) -> Result<usize> {
     refuse_partial(trainer)?;
+    trainer.sync_state()?;
     let state = State::of(trainer);
     let n_states = state.layout.n_states;
     let (header_len, total) = sizes(&state);
@@ -142,8 +143,7 @@ pub fn load<B: Backend>(trainer: &mut Trainer<B>, bytes: &[u8]) -> Result<()> {
     if let Some(s) = restore.loss_scale {
         trainer.set_loss_scale(s)?;
     }
-    trainer.set_counters(restore.updates, restore.skipped);
-    Ok(())
+    trainer.set_counters(restore.updates, restore.skipped)
 }
 
 /// Checkpoints hold every parameter's f32 master weights and optimizer state; a partially trainable trainer

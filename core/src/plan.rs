@@ -43,6 +43,8 @@ pub struct MemoryPlan {
     /// or optimizer state. 0 unless partial.
     pub frozen: usize,
     pub frozen_dtype: DType,
+    /// The step-control block ([`crate::control`]): loss scale, counters and the last step's report.
+    pub control: usize,
     pub total: usize,
 }
 
@@ -67,7 +69,7 @@ impl MemoryPlan {
         let layout = ParamLayout::new(model, config.trainable)?;
         let frozen_dtype = config.frozen_dtype(policy)?;
         let mut arena = Arena::unbounded();
-        let (_, _, persistent) = alloc_params(&mut arena, model, policy, optimizer, &layout, frozen_dtype)?;
+        let (_, _, _, persistent) = alloc_params(&mut arena, model, policy, optimizer, &layout, frozen_dtype)?;
         let before = arena.used();
         let step = alloc_step(&mut arena, model, policy, batch, &layout, frozen_dtype)?;
         let scratch = step.scratch_bytes;
@@ -81,7 +83,7 @@ impl MemoryPlan {
 
     /// Bytes that do not depend on the batch size.
     pub fn fixed(&self) -> usize {
-        self.master + self.working + self.gradients + self.optimizer + self.frozen
+        self.master + self.working + self.gradients + self.optimizer + self.frozen + self.control
     }
 
     /// The largest batch whose plan fits in `capacity` bytes (0 if not even one sample fits).
@@ -132,6 +134,7 @@ impl core::fmt::Display for MemoryPlan {
         if self.frozen > 0 {
             row(&Label("frozen weights", self.frozen_dtype), self.frozen)?;
         }
+        row(&"step control", self.control)?;
         row(&Label("activations", c), self.activations)?;
         row(&Label("scratch", c), self.scratch)?;
         row(&"total", self.total)
@@ -175,6 +178,7 @@ impl core::fmt::Display for SideBySide<'_> {
         row("gradients (float32)", &|p| p.gradients)?;
         row("optimizer state (float32)", &|p| p.optimizer)?;
         row("frozen weights", &|p| p.frozen)?;
+        row("step control", &|p| p.control)?;
         row("activations", &|p| p.activations)?;
         row("scratch", &|p| p.scratch)?;
         row("total", &|p| p.total)
@@ -221,7 +225,7 @@ impl core::fmt::Display for Grouped {
 }
 
 /// Allocates the persistent parameter buffers in a fixed order and reports their sizes: the trainable
-/// vectors (master, working, gradients, optimizer state), then the frozen vector.
+/// vectors (master, working, gradients, optimizer state), the frozen vector, then the step-control block.
 pub(crate) fn alloc_params(
     arena: &mut Arena,
     model: &Model,
@@ -229,7 +233,7 @@ pub(crate) fn alloc_params(
     optimizer: &Optimizer,
     layout: &ParamLayout,
     frozen_dtype: DType,
-) -> Result<(ParamBufs, Buf, MemoryPlan)> {
+) -> Result<(ParamBufs, Buf, Buf, MemoryPlan)> {
     let n = layout.trainable_len();
     let mut used = arena.used();
     let mut take = |arena: &mut Arena, dtype: DType, len: usize| -> Result<(Buf, usize)> {
@@ -246,6 +250,7 @@ pub(crate) fn alloc_params(
     let (state2, s2) = if states >= 2 { take(arena, DType::F32, n)? } else { (Buf::EMPTY, 0) };
     let (frozen, frozen_bytes) =
         if layout.frozen_len() > 0 { take(arena, frozen_dtype, layout.frozen_len())? } else { (Buf::EMPTY, 0) };
+    let (ctl, control) = take(arena, DType::I32, crate::control::WORDS)?;
     let plan = MemoryPlan {
         policy,
         batch: 0,
@@ -260,9 +265,10 @@ pub(crate) fn alloc_params(
         scratch: 0,
         frozen: frozen_bytes,
         frozen_dtype,
+        control,
         total: 0,
     };
-    Ok((ParamBufs { master, working, grad, state1, state2 }, frozen, plan))
+    Ok((ParamBufs { master, working, grad, state1, state2 }, frozen, ctl, plan))
 }
 
 /// The buffers of one training (or inference) step, allocated after a [`crate::arena::Mark`] and released

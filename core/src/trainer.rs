@@ -12,10 +12,12 @@
 //! ```
 
 use crate::arena::{Arena, Buf, Mark};
-use crate::backend::{Backend, ParamBufs};
+use crate::backend::Activation;
+use crate::backend::{read_control, write_control, Backend, ParamBufs};
+use crate::control::{self, Control, StepRule};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::layers::{Bwd, Fwd, LayerParams};
+use crate::layers::{Bwd, Fwd, Layer, LayerParams};
 use crate::loss_scale::{DynamicLossScale, LossScale};
 use crate::model::Model;
 use crate::numerics::{NonFiniteReport, Phase};
@@ -182,6 +184,15 @@ pub struct Trainer<B: Backend> {
     check_numerics: bool,
     /// Rows of the batch [`Trainer::stage`] left in the arena's input buffers (0: none).
     staged: usize,
+    /// The step-control block ([`crate::control`]): the loss scale, counters and the last step's report live
+    /// there, next to the data; `config.loss_scale`, `updates` and `skipped` mirror it as of the last report.
+    ctl: Buf,
+    /// Rows of the last step queued (0: none yet).
+    last_rows: usize,
+    /// Record the step once and replay it (CUDA graphs) where the backend can.
+    graphs: bool,
+    /// The recorded step: `(rows, id)`.
+    recorded: Option<(usize, usize)>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -216,7 +227,7 @@ impl<B: Backend> Trainer<B> {
         let layout = ParamLayout::new(&model, config.trainable)?;
         let frozen_dtype = config.frozen_dtype(policy)?;
         let mut arena = Arena::new(backend.capacity());
-        let (params, frozen, _) = alloc_params(&mut arena, &model, policy, &optimizer, &layout, frozen_dtype)?;
+        let (params, frozen, ctl, _) = alloc_params(&mut arena, &model, policy, &optimizer, &layout, frozen_dtype)?;
         let base = arena.mark();
         let mut rng = Rng::new(config.seed);
         // PyTorch's default initialisation, drawn layer by layer, weight then bias, in model order (the same
@@ -246,6 +257,9 @@ impl<B: Backend> Trainer<B> {
                 backend.fill(s, 0.0)?;
             }
         }
+        let mut c = Control::new(config.loss_scale.scale(), 0);
+        c.set_loss_scale(&config.loss_scale);
+        write_control(&mut backend, ctl, &c)?;
         Ok(Trainer {
             backend,
             model,
@@ -263,17 +277,24 @@ impl<B: Backend> Trainer<B> {
             skipped: 0,
             check_numerics: false,
             staged: 0,
+            ctl,
+            last_rows: 0,
+            graphs: true,
+            recorded: None,
         })
     }
 
-    /// One training step on `rows = labels.len()` samples; `x` is `[rows, input]` in f32.
+    /// One training step on `rows = labels.len()` samples; `x` is `[rows, input]` in f32. Uploads the batch,
+    /// queues the step ([`Trainer::queue_staged`]) and reads its report: one wait for the backend per step.
     /// On any error the model, optimizer state and loss scale are unchanged.
     pub fn step(&mut self, x: &[f32], labels: &[u32]) -> Result<StepReport> {
         let rows = self.check_batch(x, labels.len())?;
         let bufs = self.alloc_step()?;
-        let result = self.step_inner(&bufs, Some((x, labels)), rows);
+        self.staged = 0;
+        let result = self.upload_batch(&bufs, x, labels, rows).and_then(|_| self.queue_step(&bufs, rows));
         self.arena.release(self.base);
-        result
+        result?;
+        self.report()
     }
 
     /// Uploads a batch into the arena once, so that [`Trainer::step_staged`] can train on it repeatedly with
@@ -291,33 +312,126 @@ impl<B: Backend> Trainer<B> {
         Ok(())
     }
 
-    /// A training step on the first `rows` samples of the staged batch (see [`Trainer::stage`]).
+    /// A training step on the first `rows` samples of the staged batch (see [`Trainer::stage`]), with its
+    /// report: [`Trainer::queue_staged`] then [`Trainer::report`].
     pub fn step_staged(&mut self, rows: usize) -> Result<StepReport> {
+        self.queue_staged(rows)?;
+        self.report()
+    }
+
+    /// Queues a training step on the first `rows` samples of the staged batch without waiting for it: every
+    /// decision of the step (finite gradients, apply or skip, the loss-scale update, AdamW's bias correction)
+    /// is made by the backend, in its control block, so nothing crosses back to the host. On a device backend
+    /// the first step of a shape is recorded and later ones replay it (a CUDA graph: one launch per step).
+    /// Read the outcome with [`Trainer::report`].
+    pub fn queue_staged(&mut self, rows: usize) -> Result<()> {
         if rows == 0 || rows > self.staged {
             return Err(Error::ShapeMismatch { what: "rows of the staged batch", expected: self.staged, got: rows });
         }
         let bufs = self.alloc_step()?;
-        let result = self.step_inner(&bufs, None, rows);
+        let result = self.queue_step(&bufs, rows);
         self.arena.release(self.base);
         result
     }
 
-    fn step_inner(&mut self, s: &StepBufs, batch: Option<(&[f32], &[u32])>, rows: usize) -> Result<StepReport> {
-        let scale = self.config.loss_scale.scale();
-        let (loss, correct, underflow) = self.forward_backward_inner(s, batch, rows, scale)?;
-        let mut loss_scale = self.config.loss_scale;
-        let applied = self.apply_gradients_with(scale, |finite| loss_scale.update(finite))?;
-        self.config.loss_scale = loss_scale;
+    /// Waits for the queued steps and reads the last one's report from the control block (the one read of
+    /// the step's results). Also brings [`Trainer::loss_scale`], [`Trainer::updates`] and
+    /// [`Trainer::skipped`] up to date.
+    pub fn report(&mut self) -> Result<StepReport> {
+        if self.last_rows == 0 {
+            return Err(Error::InvalidConfig("no training step to report yet"));
+        }
+        let c = self.sync_state()?;
+        let (flushed, non_zero) = (c.words[control::LAST_FLUSHED], c.words[control::LAST_NON_ZERO]);
         Ok(StepReport {
-            loss,
-            loss_scale: scale,
-            skipped: !applied.applied,
-            grad_norm: applied.grad_norm,
-            correct,
-            rows,
+            loss: c.f32(control::LAST_LOSS),
+            loss_scale: c.f32(control::LAST_SCALE),
+            skipped: c.words[control::LAST_APPLIED] == 0,
+            grad_norm: c.f32(control::LAST_NORM),
+            correct: c.words[control::LAST_CORRECT] as usize,
+            rows: self.last_rows,
             skipped_total: self.skipped,
-            underflow,
+            underflow: if non_zero > 0 { flushed as f32 / non_zero as f32 } else { 0.0 },
         })
+    }
+
+    /// Waits for queued steps and brings [`Trainer::loss_scale`], [`Trainer::updates`] and
+    /// [`Trainer::skipped`] up to date from the control block (checkpoints call this before saving).
+    pub fn sync_state(&mut self) -> Result<Control> {
+        let c = read_control(&mut self.backend, self.ctl)?;
+        self.config.loss_scale = c.loss_scale(&self.config.loss_scale);
+        self.updates = c.u64(control::UPDATES);
+        self.skipped = c.u64(control::SKIPPED);
+        Ok(c)
+    }
+
+    /// Whether steps are recorded once and replayed where the backend can (on by default). Turning it off
+    /// frees the recording.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
+        if !on {
+            self.forget_recording();
+        }
+    }
+
+    fn forget_recording(&mut self) {
+        if self.recorded.take().is_some() {
+            self.backend.clear_recordings();
+        }
+    }
+
+    /// Runs (or replays) the step's ops on the batch already in `s.input`.
+    fn queue_step(&mut self, s: &StepBufs, rows: usize) -> Result<()> {
+        let record = self.graphs && !self.check_numerics;
+        if record {
+            match self.recorded {
+                Some((r, id)) if r == rows => {
+                    self.backend.replay(id)?;
+                    self.last_rows = rows;
+                    return Ok(());
+                }
+                Some(_) => self.forget_recording(),
+                None => {}
+            }
+            if self.backend.record_begin()? {
+                let ops = self.step_ops(s, rows);
+                let id = self.backend.record_end(ops.is_ok());
+                ops?;
+                let id = id?.ok_or(Error::InvalidConfig("internal: a kept recording has no id"))?;
+                self.recorded = Some((rows, id));
+                self.backend.replay(id)?;
+                self.last_rows = rows;
+                return Ok(());
+            }
+        }
+        self.step_ops(s, rows)?;
+        self.last_rows = rows;
+        Ok(())
+    }
+
+    /// Forward, loss, backward, the decision and the update, all on the backend.
+    fn step_ops(&mut self, s: &StepBufs, rows: usize) -> Result<()> {
+        self.forward_backward_inner(s, rows, ScaleFrom::Control)?;
+        let rule = StepRule {
+            loss_scale: self.config.loss_scale,
+            clip_norm: self.config.clip_norm,
+            adam_betas: self.optimizer.adam_betas(),
+        };
+        self.backend.step_control(self.ctl, self.params.grad, s.loss, &rule)?;
+        self.optimizer.step_gated(&mut self.backend, &self.params, self.ctl)?;
+        if self.check_numerics && read_control(&mut self.backend, self.ctl)?.words[control::LAST_APPLIED] != 0 {
+            let n = self.params.master.len;
+            check_finite(
+                &mut self.backend,
+                self.params.master,
+                [n, 1],
+                None,
+                "optimizer",
+                "master weights",
+                Phase::Update,
+            )?;
+        }
+        Ok(())
     }
 
     /// The second half of a step, for custom loops (see [`crate::loss_scale::GradScaler`]): unscales the
@@ -328,7 +442,15 @@ impl<B: Backend> Trainer<B> {
         if !(scale.is_finite() && scale > 0.0) {
             return Err(Error::InvalidConfig("loss scale must be finite and > 0"));
         }
-        self.apply_gradients_with(scale, |finite| finite)
+        // The counters live in the control block: bring the host's copy up to date, and write it back after.
+        let mut c = read_control(&mut self.backend, self.ctl)?;
+        self.updates = c.u64(control::UPDATES);
+        self.skipped = c.u64(control::SKIPPED);
+        let applied = self.apply_gradients_with(scale, |finite| finite)?;
+        c.set_u64(control::UPDATES, self.updates);
+        c.set_u64(control::SKIPPED, self.skipped);
+        write_control(&mut self.backend, self.ctl, &c)?;
+        Ok(applied)
     }
 
     /// `decide(finite)` says whether to apply the update (a dynamic loss scale also adapts itself there).
@@ -368,8 +490,18 @@ impl<B: Backend> Trainer<B> {
     /// mean loss. For custom loops and gradient checks; `step` is this plus the update.
     pub fn forward_backward(&mut self, x: &[f32], labels: &[u32], scale: f32) -> Result<f32> {
         let rows = self.check_batch(x, labels.len())?;
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::InvalidConfig("loss scale must be finite and > 0"));
+        }
         let bufs = self.alloc_step()?;
-        let result = self.forward_backward_inner(&bufs, Some((x, labels)), rows, scale).map(|(loss, _, _)| loss);
+        self.staged = 0;
+        let result = (|| {
+            self.upload_batch(&bufs, x, labels, rows)?;
+            self.forward_backward_inner(&bufs, rows, ScaleFrom::Host(scale))?;
+            let mut loss = [0.0f32];
+            self.backend.download(bufs.loss, &mut loss)?;
+            Ok(loss[0])
+        })();
         self.arena.release(self.base);
         result
     }
@@ -395,30 +527,20 @@ impl<B: Backend> Trainer<B> {
         Ok(())
     }
 
-    /// Upload, forward, loss (times `scale`), backward. Returns the mean loss and the correct count.
-    fn forward_backward_inner(
-        &mut self,
-        s: &StepBufs,
-        batch: Option<(&[f32], &[u32])>,
-        rows: usize,
-        scale: f32,
-    ) -> Result<(f32, usize, f32)> {
-        match batch {
-            Some((x, labels)) => {
-                self.staged = 0;
-                self.upload_batch(s, x, labels, rows)?;
-            }
-            None if rows <= self.staged => {}
-            None => {
-                return Err(Error::ShapeMismatch { what: "rows of the staged batch", expected: self.staged, got: rows })
-            }
-        }
+    /// Forward, loss (times the loss scale, from the host or the control block), backward, on the batch
+    /// already in `s.input`. With the control block, the correct count and f16 underflow go there too.
+    fn forward_backward_inner(&mut self, s: &StepBufs, rows: usize, from: ScaleFrom) -> Result<()> {
         let logits = self.forward(s, rows)?;
         let n = self.model.layers().len();
         let dtypes = self.model.out_dtypes(self.policy);
         let classes = self.model.classes();
-        let g = scale * self.config.loss_weight;
-        let mut underflow = 0.0;
+        let lw = self.config.loss_weight;
+        let ctl = self.ctl;
+        let loss = self.model.loss();
+        let head = |be: &mut B, d: Buf| match from {
+            ScaleFrom::Host(scale) => loss.forward_backward(be, logits, s.labels, rows, s.loss, d, scale * lw),
+            ScaleFrom::Control => loss.forward_backward_scaled(be, logits, s.labels, rows, s.loss, d, lw, ctl),
+        };
         // The loss head writes dlogits into the ping-pong buffer that feeds the last layer's backward, in the
         // dtype of the logits.
         let mut dy = retype(s.grad_a, dtypes[n - 1], rows * classes);
@@ -426,22 +548,30 @@ impl<B: Backend> Trainer<B> {
             // 16-bit logits: the loss gradient is computed in f32, then cast to the compute dtype, where values
             // below half the smallest subnormal flush to zero. Count them.
             let d32 = s.dlogits.prefix(rows * classes);
-            self.model.loss().forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, d32, g)?;
-            let (flushed, non_zero) = self.backend.count_underflow(d32, dy.dtype)?;
-            underflow = if non_zero > 0 { flushed as f32 / non_zero as f32 } else { 0.0 };
+            head(&mut self.backend, d32)?;
+            if from == ScaleFrom::Control {
+                self.backend.count_underflow_to(d32, dy.dtype, ctl)?;
+            }
             self.backend.cast(d32, dy)?;
         } else {
-            self.model.loss().forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, dy, g)?;
+            head(&mut self.backend, dy)?;
         }
         if self.check_numerics {
             check_finite(&mut self.backend, s.loss, [1, 1], None, "loss", "loss value", Phase::Forward)?;
             check_finite(&mut self.backend, dy, [rows, classes], None, "loss", "logits gradient", Phase::Backward)?;
         }
-        let correct = self.count_correct(logits, s.labels, rows)?;
+        if from == ScaleFrom::Control {
+            let l = logits.prefix(rows * classes);
+            self.backend.count_correct_to(l, s.labels.prefix(rows), rows, classes, ctl)?;
+        }
         let layers = self.model.layers();
         // Backward from the loss down to the first trainable layer: nothing before it needs a gradient.
         let first = self.layout.first_trainable();
-        for i in (first..n).rev() {
+        // A fused GEMM already wrote this layer's bias gradient.
+        let mut dbias_done: Option<usize> = None;
+        let mut i = n;
+        while i > first {
+            i -= 1;
             let layer = &layers[i];
             let d = dtypes[i];
             let in_dtype = if i == 0 { self.policy.compute } else { dtypes[i - 1] };
@@ -462,9 +592,25 @@ impl<B: Backend> Trainer<B> {
                 let other = if dy.offset == s.grad_a.offset { s.grad_b } else { s.grad_a };
                 Some(retype(other, in_dtype, in_len))
             };
-            let p = self.layer_params(i, d, s);
+            let mut p = self.layer_params(i, d, s);
+            if dbias_done == Some(i) {
+                p.dbias = None;
+            }
             let scratch = retype(s.scratch, d, s.scratch.bytes() / d.size());
             let io = Bwd { x: x_i, y: s.acts[i], dy, dx, aux: s.aux[i], scratch, rows };
+            if let (Some(act), Layer::Linear(lin), Some(dx)) = (self.fusable_backward(i, first, s, &p), layer, dx) {
+                // Linear i's input gradient through activation i - 1, and the bias gradient of layer i - 2 when
+                // it is linear, in one GEMM; the activation's own backward is then done.
+                let prev_dbias = match layers[i - 2] {
+                    Layer::Linear(_) => self.layer_params(i - 2, dtypes[i - 2], s).dbias,
+                    _ => None,
+                };
+                lin.backward_act(&mut self.backend, &p, &io, act, s.acts[i - 2], prev_dbias)?;
+                dbias_done = prev_dbias.map(|_| i - 2);
+                dy = retype(dx, dtypes[i - 2], rows * layers[i - 1].in_shape().len());
+                i -= 1;
+                continue;
+            }
             layer.backward(&mut self.backend, &p, &io)?;
             if self.check_numerics {
                 for ((name, _, dims), loc) in layer.tensors().into_iter().zip(self.layout.layer(i)) {
@@ -493,16 +639,34 @@ impl<B: Backend> Trainer<B> {
                 dy = dx;
             }
         }
-        let mut loss = [0.0f32];
-        self.backend.download(s.loss, &mut loss)?;
-        Ok((loss[0], correct, underflow))
+        Ok(())
     }
 
-    /// Runs the layers forward over `rows` samples already uploaded to `s.input`; returns the logits.
+    /// Whether linear layer `i`'s backward can run fused with activation `i - 1`'s (see
+    /// [`crate::layers::Linear::backward_act`]), and that activation: the three layers compute in one dtype
+    /// with no casts between them, layer `i - 1` needs an input gradient, the weight needs no conversion, and
+    /// check-numerics (which inspects every layer's gradients) is off.
+    fn fusable_backward(&self, i: usize, first: usize, s: &StepBufs, p: &LayerParams) -> Option<Activation> {
+        let layers = self.model.layers();
+        if self.check_numerics || i < first + 2 || !matches!(layers[i], Layer::Linear(_)) {
+            return None;
+        }
+        let act = layers[i - 1].activation()?;
+        let dtypes = self.model.out_dtypes(self.policy);
+        let d = dtypes[i];
+        let same = dtypes[i - 1] == d && dtypes[i - 2] == d && p.weight.dtype == d;
+        (same && s.casts[i].len == 0 && s.casts[i - 1].len == 0).then_some(act)
+    }
+
+    /// Runs the layers forward over `rows` samples already uploaded to `s.input`; returns the logits. A linear
+    /// layer followed by an activation runs as one fused GEMM (unless check-numerics is on).
     fn forward(&mut self, s: &StepBufs, rows: usize) -> Result<Buf> {
         let dtypes = self.model.out_dtypes(self.policy);
+        let layers = self.model.layers();
         let mut x = s.input;
-        for (i, layer) in self.model.layers().iter().enumerate() {
+        let mut i = 0;
+        while i < layers.len() {
+            let layer = &layers[i];
             let d = dtypes[i];
             if s.casts[i].len > 0 {
                 // A float32 layer after 16-bit ones reads its input widened (exactly) to f32.
@@ -513,6 +677,19 @@ impl<B: Backend> Trainer<B> {
             let p = self.layer_params(i, d, s);
             let scratch = retype(s.scratch, d, s.scratch.bytes() / d.size());
             let io = Fwd { x, y: s.acts[i], aux: s.aux[i], scratch, rows };
+            if let (Layer::Linear(lin), Some(next)) = (layer, layers.get(i + 1)) {
+                let fusable = !self.check_numerics
+                    && p.weight.dtype == d
+                    && !s.acts[i + 1].overlaps(&x)
+                    && dtypes.get(i + 1) == Some(&d)
+                    && s.casts[i + 1].len == 0;
+                if let (true, Some(act)) = (fusable, next.activation()) {
+                    lin.forward_act(&mut self.backend, &p, &io, act, s.acts[i + 1])?;
+                    x = s.acts[i + 1];
+                    i += 2;
+                    continue;
+                }
+            }
             layer.forward(&mut self.backend, &p, &io)?;
             x = s.acts[i];
             if self.check_numerics {
@@ -527,6 +704,7 @@ impl<B: Backend> Trainer<B> {
                     Phase::Forward,
                 )?;
             }
+            i += 1;
         }
         Ok(x)
     }
@@ -655,9 +833,12 @@ impl<B: Backend> Trainer<B> {
         o.set_lr(lr);
         o.validate()?;
         self.optimizer = o;
+        // The recorded step has the old rate in it.
+        self.forget_recording();
         Ok(())
     }
 
+    /// The loss scale and its state as of the last report ([`Trainer::step`] reports every step).
     pub fn loss_scale(&self) -> &LossScale {
         &self.config.loss_scale
     }
@@ -666,12 +847,12 @@ impl<B: Backend> Trainer<B> {
         &self.config
     }
 
-    /// Updates applied so far.
+    /// Updates applied so far, as of the last report.
     pub fn updates(&self) -> u64 {
         self.updates
     }
 
-    /// Steps skipped so far.
+    /// Steps skipped so far, as of the last report.
     pub fn skipped(&self) -> u64 {
         self.skipped
     }
@@ -709,14 +890,24 @@ impl<B: Backend> Trainer<B> {
             LossScale::Dynamic(d) => d.config.validate()?,
             LossScale::None => {}
         }
+        let mut c = read_control(&mut self.backend, self.ctl)?;
+        c.set_loss_scale(&s);
+        write_control(&mut self.backend, self.ctl, &c)?;
         self.config.loss_scale = s;
+        // The recorded step has the old mode's constants in it.
+        self.forget_recording();
         Ok(())
     }
 
     /// Restores the update and skip counters (from a checkpoint). AdamW's bias correction uses `updates`.
-    pub fn set_counters(&mut self, updates: u64, skipped: u64) {
+    pub fn set_counters(&mut self, updates: u64, skipped: u64) -> Result<()> {
+        let mut c = read_control(&mut self.backend, self.ctl)?;
+        c.set_u64(control::UPDATES, updates);
+        c.set_u64(control::SKIPPED, skipped);
+        write_control(&mut self.backend, self.ctl, &c)?;
         self.updates = updates;
         self.skipped = skipped;
+        Ok(())
     }
 
     /// Check-numerics mode (like `tf.debugging.enable_check_numerics`): off by default, and then costs
@@ -900,4 +1091,13 @@ fn name_grad(name: &str) -> &'static str {
         "bias" => "bias gradient",
         _ => "parameter gradient",
     }
+}
+
+/// Where the loss scale of a forward-backward pass comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ScaleFrom {
+    /// A value the host passes (custom loops: [`Trainer::forward_backward`]).
+    Host(f32),
+    /// The control block (the trainer's own steps).
+    Control,
 }

@@ -201,7 +201,8 @@ fn partial_plans_are_exact_and_smaller() {
             for mode in modes(&model) {
                 let cfg = TrainConfig::new(16, policy).trainable(mode);
                 let p = MemoryPlan::for_config(&model, policy, &opt, &cfg).unwrap();
-                let parts = p.master + p.working + p.gradients + p.optimizer + p.frozen + p.activations + p.scratch;
+                let parts =
+                    p.master + p.working + p.gradients + p.optimizer + p.frozen + p.control + p.activations + p.scratch;
                 assert_eq!(parts, p.total, "{mode:?}: {p:?}");
                 assert_eq!(p.trainable, mode);
                 assert!(p.trainable_params <= full.trainable_params);

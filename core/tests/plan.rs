@@ -31,8 +31,8 @@ fn optimizers() -> [Optimizer; 3] {
     [Sgd::new(0.1).into(), Sgd::new(0.1).momentum(0.9).into(), AdamW::new(1e-3).into()]
 }
 
-fn parts(p: &MemoryPlan) -> [usize; 6] {
-    [p.master, p.working, p.gradients, p.optimizer, p.activations, p.scratch]
+fn parts(p: &MemoryPlan) -> [usize; 7] {
+    [p.master, p.working, p.gradients, p.optimizer, p.control, p.activations, p.scratch]
 }
 
 #[test]
@@ -48,7 +48,9 @@ fn plan_parts_sum_to_total() {
                         "{policy} {} batch {batch}: {p:?}",
                         opt.name()
                     );
-                    assert_eq!(p.fixed(), p.master + p.working + p.gradients + p.optimizer);
+                    assert_eq!(p.fixed(), p.master + p.working + p.gradients + p.optimizer + p.control);
+                    let words = mantissa_core::control::WORDS * 4;
+                    assert!((words..words + 64).contains(&p.control), "the step-control block: {p:?}");
                     assert_eq!((p.batch, p.params, p.policy), (batch, model.param_len(), policy));
                     // Sizes that follow from the definitions: the data, plus up to 63 bytes of alignment padding
                     // before it (counted in the part whose allocation needed it; the first part starts at 0).

@@ -1,7 +1,8 @@
 //! Fully connected layer: `y = x W^T + b`, weight `[O, I]` as in PyTorch.
 
 use super::{block_count, weight_block, Bwd, Fwd, LayerParams};
-use crate::backend::{Backend, Gemm};
+use crate::arena::Buf;
+use crate::backend::{Activation, Backend, Epilogue, Gemm};
 use crate::error::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -69,5 +70,47 @@ impl Linear {
             }
         }
         Ok(())
+    }
+
+    /// This layer and the activation after it in one fused GEMM: `pre = x W^T + b` (this layer's output,
+    /// `io.y`) and `y = act(pre)` (the activation's output). The weight must be stored in the compute dtype.
+    pub fn forward_act<B: Backend>(
+        &self,
+        be: &mut B,
+        p: &LayerParams,
+        io: &Fwd,
+        act: Activation,
+        y: Buf,
+    ) -> Result<()> {
+        let (i, o, rows) = (self.in_features, self.out_features, io.rows);
+        let n = rows * o;
+        let g = Gemm::new(rows, o, i, io.x, p.weight, y.prefix(n)).b_t(i);
+        be.gemm_fused(&g, &Epilogue::BiasAct { bias: p.bias, act, pre: io.y.prefix(n) })
+    }
+
+    /// [`Linear::backward`] through the activation before this layer: `dx = (dy W) * act'(pre)`, the gradient
+    /// with respect to the activation's input `pre`, in one fused GEMM that also writes the bias gradient of
+    /// the linear layer producing `pre` (`prev_dbias`, when given). `io.dx` must be set; the weight must be
+    /// stored in the compute dtype.
+    pub fn backward_act<B: Backend>(
+        &self,
+        be: &mut B,
+        p: &LayerParams,
+        io: &Bwd,
+        act: Activation,
+        pre: Buf,
+        prev_dbias: Option<Buf>,
+    ) -> Result<()> {
+        let (i, o, rows) = (self.in_features, self.out_features, io.rows);
+        if let Some(dw) = p.dweight {
+            be.gemm(&Gemm::new(o, i, rows, io.dy, io.x, dw).a_t(o))?;
+        }
+        if let Some(db) = p.dbias {
+            be.bias_grad(io.dy, db, rows, o, 1)?;
+        }
+        let dx = io.dx.ok_or(crate::error::Error::InvalidConfig("internal: backward_act without an input gradient"))?;
+        let n = rows * i;
+        let g = Gemm::new(rows, i, o, io.dy, p.weight, dx.prefix(n));
+        be.gemm_fused(&g, &Epilogue::ActGrad { act, pre: pre.prefix(n), dbias: prev_dbias })
     }
 }

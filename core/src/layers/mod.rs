@@ -254,6 +254,15 @@ impl Layer {
     }
 
     /// Whether the layer's output is a view of its input (no buffer of its own).
+    /// The element-wise activation this layer applies, if it is one (what a fused GEMM epilogue can take).
+    pub fn activation(&self) -> Option<crate::backend::Activation> {
+        match self {
+            Layer::Relu(_) => Some(crate::backend::Activation::Relu),
+            Layer::Gelu(_) => Some(crate::backend::Activation::GeluTanh),
+            _ => None,
+        }
+    }
+
     pub fn aliases_input(&self) -> bool {
         matches!(self, Layer::Flatten(_))
     }

@@ -26,4 +26,21 @@ impl SoftmaxCrossEntropy {
     ) -> Result<()> {
         be.softmax_cross_entropy(logits, labels, rows, self.classes, loss, dlogits, scale)
     }
+
+    /// [`SoftmaxCrossEntropy::forward_backward`] with `scale` further multiplied by the loss scale held in the
+    /// step-control block `ctl` (read where the data is).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_scaled<B: Backend>(
+        &self,
+        be: &mut B,
+        logits: Buf,
+        labels: Buf,
+        rows: usize,
+        loss: Buf,
+        dlogits: Buf,
+        scale: f32,
+        ctl: Buf,
+    ) -> Result<()> {
+        be.softmax_cross_entropy_scaled(logits, labels, rows, self.classes, loss, dlogits, scale, ctl)
+    }
 }

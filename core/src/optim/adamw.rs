@@ -49,21 +49,21 @@ impl AdamW {
     /// Update `t` (1-based).
     pub fn step<B: Backend>(&self, be: &mut B, p: &ParamBufs, t: u64, grad_scale: f32) -> Result<()> {
         self.validate()?;
-        let t = t.max(1) as f64;
-        let bc1 = 1.0 - libm::pow(self.beta1 as f64, t);
-        let bc2 = 1.0 - libm::pow(self.beta2 as f64, t);
-        be.adamw_step(
-            p,
-            &AdamWStep {
-                lr: self.lr,
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: self.eps,
-                weight_decay: self.weight_decay,
-                bias_correction1: bc1 as f32,
-                bias_correction2: bc2 as f32,
-                grad_scale,
-            },
-        )
+        be.adamw_step(p, &self.step_args(t, grad_scale))
+    }
+
+    /// The fused kernel's arguments for update `t` (bias corrections in f64, rounded to f32).
+    pub fn step_args(&self, t: u64, grad_scale: f32) -> AdamWStep {
+        let (bc1, bc2) = crate::control::bias_corrections(self.beta1, self.beta2, t);
+        AdamWStep {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            bias_correction1: bc1,
+            bias_correction2: bc2,
+            grad_scale,
+        }
     }
 }

@@ -62,6 +62,26 @@ impl Optimizer {
     }
 }
 
+impl Optimizer {
+    /// The update of a step decided on the backend ([`crate::control`]): applied only when the control block
+    /// `ctl` says so, with its gradient multiplier and bias corrections.
+    pub fn step_gated<B: Backend>(&self, be: &mut B, p: &ParamBufs, ctl: crate::arena::Buf) -> Result<()> {
+        self.validate()?;
+        match self {
+            Optimizer::Sgd(s) => be.sgd_step_gated(p, &s.step_args(1.0), ctl),
+            Optimizer::AdamW(a) => be.adamw_step_gated(p, &a.step_args(1, 1.0), ctl),
+        }
+    }
+
+    /// AdamW's betas (for the bias corrections a step decides); `None` for SGD.
+    pub fn adam_betas(&self) -> Option<(f32, f32)> {
+        match self {
+            Optimizer::Sgd(_) => None,
+            Optimizer::AdamW(a) => Some((a.beta1, a.beta2)),
+        }
+    }
+}
+
 impl From<Sgd> for Optimizer {
     fn from(s: Sgd) -> Self {
         Optimizer::Sgd(s)

@@ -44,15 +44,17 @@ impl Sgd {
 
     pub fn step<B: Backend>(&self, be: &mut B, p: &ParamBufs, grad_scale: f32) -> Result<()> {
         self.validate()?;
-        be.sgd_step(
-            p,
-            &SgdStep {
-                lr: self.lr,
-                momentum: self.momentum,
-                nesterov: self.nesterov,
-                weight_decay: self.weight_decay,
-                grad_scale,
-            },
-        )
+        be.sgd_step(p, &self.step_args(grad_scale))
+    }
+
+    /// The fused kernel's arguments.
+    pub fn step_args(&self, grad_scale: f32) -> SgdStep {
+        SgdStep {
+            lr: self.lr,
+            momentum: self.momentum,
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay,
+            grad_scale,
+        }
     }
 }
