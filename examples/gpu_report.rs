@@ -2,19 +2,26 @@
 //! `benches/peers/pytorch_gpu.py`, run in the same call on the GPU machine):
 //!
 //! `cargo run --release --features cuda --example gpu_report` ->
-//! `train: workload=gpu-mlp backend=cuda policy=mixed_bfloat16 step_ms=... samples_per_s=... peak_device_bytes=...`
+//! `train: workload=gpu-mlp backend=cuda policy=mixed_bfloat16 mode=graph step_ms=... samples_per_s=... peak_device_bytes=...`
+//!
+//! Modes: `graph` queues the steps (`Trainer::queue_staged`: no host round trip; the step is recorded as a
+//! CUDA graph once and replayed) and reads one report at the end; `queued` is the same without the graph (every
+//! kernel launched from the host); `per-step` reads a report after every step (`Trainer::step_staged`: one
+//! wait per step, as a loop that logs every loss does).
 //!
 //! gpu-mlp: 784 -> Linear 4096 -> GELU(tanh) -> Linear 4096 -> GELU(tanh) -> Linear 10, softmax cross-entropy,
 //! AdamW (lr 1e-3, weight decay 0.01), batch 8192, f32 master weights; mixed_float16 with dynamic loss
 //! scaling. The batch is staged in the arena once (as the PyTorch peer keeps it on the GPU); step time is
 //! the mean of 50 steps after 10 warm-up steps, synchronised at both ends.
+//!
+//! `--policy P` and `--mode M` restrict the runs (a profiler run wants one).
 
 use std::time::Instant;
 
 use clap::Parser;
 use mantissa::cuda::CudaBackend;
 use mantissa::rng::Rng;
-use mantissa::{AdamW, Backend, MemoryPlan, Model, Optimizer, Policy, Shape, TrainConfig, Trainer};
+use mantissa::{AdamW, MemoryPlan, Model, Optimizer, Policy, Shape, TrainConfig, Trainer};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -26,7 +33,15 @@ struct Args {
     warmup: usize,
     #[arg(long, default_value_t = 50)]
     steps: usize,
+    /// Only this policy (default: float32, mixed_bfloat16, mixed_float16).
+    #[arg(long)]
+    policy: Option<String>,
+    /// Only this mode: graph, queued or per-step.
+    #[arg(long)]
+    mode: Option<String>,
 }
+
+const MODES: [&str; 3] = ["graph", "queued", "per-step"];
 
 fn main() -> std::process::ExitCode {
     match run() {
@@ -40,18 +55,29 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    for policy in [Policy::FLOAT32, Policy::MIXED_BFLOAT16, Policy::MIXED_FLOAT16] {
-        let (ms, peak) = time_policy(&args, policy)?;
-        println!(
-            "train: workload=gpu-mlp backend=cuda policy={policy} step_ms={ms:.3} samples_per_s={:.0} peak_device_bytes={peak}",
-            args.batch as f64 / ms * 1e3
-        );
+    let policies = match &args.policy {
+        Some(p) => vec![Policy::from_name(p)?],
+        None => vec![Policy::FLOAT32, Policy::MIXED_BFLOAT16, Policy::MIXED_FLOAT16],
+    };
+    if let Some(m) = &args.mode {
+        if !MODES.contains(&m.as_str()) {
+            return Err(format!("unknown --mode {m}: use one of {MODES:?}").into());
+        }
+    }
+    for policy in policies {
+        for mode in MODES.into_iter().filter(|m| args.mode.as_deref().is_none_or(|a| a == *m)) {
+            let (ms, peak) = time_policy(&args, policy, mode)?;
+            println!(
+                "train: workload=gpu-mlp backend=cuda policy={policy} mode={mode} step_ms={ms:.3} samples_per_s={:.0} peak_device_bytes={peak}",
+                args.batch as f64 / ms * 1e3
+            );
+        }
     }
     Ok(())
 }
 
 /// Mean step time in ms and the device bytes held, for one policy.
-fn time_policy(args: &Args, policy: Policy) -> Result<(f64, usize), Box<dyn std::error::Error>> {
+fn time_policy(args: &Args, policy: Policy, mode: &str) -> Result<(f64, usize), Box<dyn std::error::Error>> {
     let h = args.hidden;
     let model = Model::sequential(Shape::flat(784)).linear(h).gelu().linear(h).gelu().linear(10).build()?;
     let optimizer: Optimizer = AdamW::new(1e-3).weight_decay(0.01).into();
@@ -62,15 +88,25 @@ fn time_policy(args: &Args, policy: Policy) -> Result<(f64, usize), Box<dyn std:
     let mut rng = Rng::new(3);
     let x: Vec<f32> = (0..args.batch * 784).map(|_| rng.next_f32()).collect();
     let y: Vec<u32> = (0..args.batch).map(|_| rng.below(10) as u32).collect();
+    t.set_graphs(mode == "graph");
     t.stage(&x, &y)?;
-    for _ in 0..args.warmup {
-        t.step_staged(args.batch)?;
-    }
-    t.backend_mut().synchronize()?;
+    let steps = |t: &mut Trainer<CudaBackend>, n: usize| -> mantissa::Result<()> {
+        for _ in 0..n {
+            if mode == "per-step" {
+                t.step_staged(args.batch)?;
+            } else {
+                t.queue_staged(args.batch)?;
+            }
+        }
+        t.report().map(|_| ())
+    };
+    steps(&mut t, args.warmup)?;
     let start = Instant::now();
-    for _ in 0..args.steps {
-        t.step_staged(args.batch)?;
+    steps(&mut t, args.steps)?;
+    let ms = start.elapsed().as_secs_f64() * 1e3 / args.steps as f64;
+    let r = t.report()?;
+    if !r.loss.is_finite() || t.updates() == 0 {
+        return Err(format!("{policy} {mode}: training went wrong: {r:?}").into());
     }
-    t.backend_mut().synchronize()?;
-    Ok((start.elapsed().as_secs_f64() * 1e3 / args.steps as f64, peak))
+    Ok((ms, peak))
 }

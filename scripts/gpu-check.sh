@@ -6,7 +6,8 @@
 #   bash scripts/gpu-check.sh run     # on the GPU machine, with .gpu/ carried over: nvidia-smi, every cuda test
 #                                     # binary with --include-ignored, mnist on the cuda backend, the step timing.
 #                                     # Logs go to $OUT (or ./gpu-out): nvidia-smi.txt, tests.log, mnist.log,
-#                                     # timing.log, summary.txt.
+#                                     # timing.log, report.log, profile.log (nsys, if installed), bench.log,
+#                                     # summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,13 +64,15 @@ run() {
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
 
     : >"$out/tests.log"
-    for t in no_gpu nvrtc ops train backends; do
-        [ -x ".gpu/tests/$t" ] || { echo "missing .gpu/tests/$t (run: bash scripts/gpu-check.sh build)" | tee -a "$out/tests.log"; continue; }
+    [ -x .gpu/tests/backends ] || echo "missing .gpu/tests/backends (run: bash scripts/gpu-check.sh build)" | tee -a "$out/tests.log"
+    for exe in .gpu/tests/*; do
+        t=$(basename "$exe")
+        [ "$t" = timing ] && continue
         echo "=== $t" | tee -a "$out/tests.log"
         # tests/backends: only its GPU instantiation here (the CPU ones run in the test suite on the CPU machine).
         filter=()
         [ "$t" = backends ] && filter=(cuda::)
-        timeout 300 ".gpu/tests/$t" --include-ignored --nocapture --test-threads=4 "${filter[@]}" >>"$out/tests.log" 2>&1
+        timeout 300 "$exe" --include-ignored --nocapture --test-threads=4 "${filter[@]}" >>"$out/tests.log" 2>&1
         echo "=== $t exit $?" | tee -a "$out/tests.log"
     done
 
@@ -101,6 +104,15 @@ run() {
     echo "=== precision_table" | tee -a "$out/report.log"
     timeout 300 .gpu/precision_table >>"$out/report.log" 2>&1
     echo "=== precision_table exit $?" >>"$out/report.log"
+    # Where the time of a bf16 step goes, kernel by kernel (when Nsight Systems is installed there).
+    if command -v nsys >/dev/null 2>&1; then
+        timeout 180 nsys profile -o "$out/step" --force-overwrite true --cuda-graph-trace=node \
+            .gpu/gpu_report --policy mixed_bfloat16 --mode graph --warmup 5 --steps 20 >"$out/profile.log" 2>&1
+        timeout 120 nsys stats --report cuda_gpu_kern_sum --format csv "$out/step.nsys-rep" >>"$out/profile.log" 2>&1
+        rm -f "$out/step.nsys-rep" "$out/step.sqlite"
+    else
+        echo "nsys not installed: no kernel profile" >"$out/profile.log"
+    fi
     if [ -x .gpu/cpu_vs_gpu ]; then
         timeout 400 .gpu/cpu_vs_gpu --bench --warm-up-time 1 --measurement-time 3 >"$out/bench.log" 2>&1
         echo "=== cpu_vs_gpu exit $?" >>"$out/bench.log"
@@ -115,6 +127,8 @@ run() {
         grep -E "^timing:|panicked|=== timing" "$out/timing.log"
         echo "--- report"
         grep -E "^=== |^train:|^\||^error|^#" "$out/report.log"
+        echo "--- profile (bf16 step, kernels by total time)"
+        head -40 "$out/profile.log"
         echo "--- bench"
         grep -E "^[a-z_0-9]+/|time:|thrpt:|skipped|=== " "$out/bench.log" 2>/dev/null
     } | tee "$out/summary.txt"
