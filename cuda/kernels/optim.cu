@@ -137,3 +137,46 @@ FOR_FLOAT(OPTIM)
                     grad_scale, write_working);                                                              \
     }
 FOR_FLOAT(OPTIM8)
+
+// The gated variants (Backend::sgd_step_gated / adamw_step_gated): the step-control block `ctl` (u32 words,
+// CTL_* from mantissa_core::control) decides on the device. Every thread returns at once when the last step was
+// skipped (LAST_APPLIED == 0); otherwise the gradient multiplier and AdamW's bias corrections come from the
+// block, and the per-step scalars are derived from them in f32 exactly as the host derives them for adamw_step
+// (IEEE division and square root), so a gated update equals the ungated one bit for bit.
+__device__ __forceinline__ bool gate_closed(const unsigned* ctl) { return ctl[CTL_LAST_APPLIED] == 0u; }
+__device__ __forceinline__ float ctl_word_f32(const unsigned* ctl, int w) { return __uint_as_float(ctl[w]); }
+
+#define OPTIM_GATED(wn, W)                                                                                   \
+    extern "C" __global__ void sgd_gated_##wn(float* master, W* working, const float* grad, float* mom, u64 n, \
+                                              float lr, float momentum, int nesterov, float weight_decay,    \
+                                              const unsigned* ctl, int write_working) {                      \
+        if (gate_closed(ctl)) return;                                                                        \
+        sgd_impl(master, working, grad, mom, n, lr, momentum, nesterov, weight_decay,                        \
+                 ctl_word_f32(ctl, CTL_GRAD_MUL), write_working);                                            \
+    }                                                                                                        \
+    extern "C" __global__ void sgd8_gated_##wn(float* master, W* working, const float* grad, float* mom,     \
+                                               u64 n, float lr, float momentum, int nesterov,                \
+                                               float weight_decay, const unsigned* ctl, int write_working) {  \
+        if (gate_closed(ctl)) return;                                                                        \
+        sgd8_impl(master, working, grad, mom, n, lr, momentum, nesterov, weight_decay,                       \
+                  ctl_word_f32(ctl, CTL_GRAD_MUL), write_working);                                           \
+    }                                                                                                        \
+    extern "C" __global__ void adamw_gated_##wn(float* master, W* working, const float* grad, float* m,      \
+                                                float* v, u64 n, float lr, float beta1, float beta2,         \
+                                                float eps, float weight_decay, const unsigned* ctl,          \
+                                                int write_working) {                                         \
+        if (gate_closed(ctl)) return;                                                                        \
+        const float bc1 = ctl_word_f32(ctl, CTL_BIAS_CORRECTION1), bc2 = ctl_word_f32(ctl, CTL_BIAS_CORRECTION2); \
+        adamw_impl(master, working, grad, m, v, n, lr / bc1, sqrtf(bc2), 1.0f - lr * weight_decay, beta1,    \
+                   beta2, eps, ctl_word_f32(ctl, CTL_GRAD_MUL), write_working);                              \
+    }                                                                                                        \
+    extern "C" __global__ void adamw8_gated_##wn(float* master, W* working, const float* grad, float* m,     \
+                                                 float* v, u64 n, float lr, float beta1, float beta2,        \
+                                                 float eps, float weight_decay, const unsigned* ctl,         \
+                                                 int write_working) {                                        \
+        if (gate_closed(ctl)) return;                                                                        \
+        const float bc1 = ctl_word_f32(ctl, CTL_BIAS_CORRECTION1), bc2 = ctl_word_f32(ctl, CTL_BIAS_CORRECTION2); \
+        adamw8_impl(master, working, grad, m, v, n, lr / bc1, sqrtf(bc2), 1.0f - lr * weight_decay, beta1,   \
+                    beta2, eps, ctl_word_f32(ctl, CTL_GRAD_MUL), write_working);                             \
+    }
+FOR_FLOAT(OPTIM_GATED)

@@ -98,14 +98,20 @@ __device__ void grad_stats_impl(const G* grad, u64 n, float scale, double* sums,
     }                                                                                                        \
     extern "C" __global__ void grad_stats_##yn(const Y* grad, u64 n, float scale, double* sums, u64* counts) {\
         grad_stats_impl(grad, n, scale, sums, counts);                                                       \
+    }                                                                                                        \
+    /* Backend::step_control's first pass: unscaled by 1 / SCALE of the step-control block, read here. */   \
+    extern "C" __global__ void grad_stats_ctl_##yn(const Y* grad, u64 n, const unsigned* ctl, double* sums,  \
+                                                   u64* counts) {                                            \
+        grad_stats_impl(grad, n, 1.0f / __uint_as_float(ctl[CTL_SCALE]), sums, counts);                      \
     }
 FOR_FLOAT(REDUCE)
 
 // counts[0] += values of src that are non-zero but round to zero when stored as D (f16 underflow);
 // counts[1] += non-zero values (NaN included, as the reference counts them). Integer atomics: the totals do not
-// depend on the order.
-template <typename S, typename D>
-__device__ void count_underflow_impl(const S* src, u64 n, u64* counts) {
+// depend on the order. C: u64 counters in the scratch, or u32 words of the step-control block (counted modulo
+// 2^32, which is the host's `as u32`).
+template <typename S, typename D, typename C>
+__device__ void count_underflow_impl(const S* src, u64 n, C* counts) {
     u64 flushed = 0, non_zero = 0;
     for (u64 i = gtid(); i < n; i += gstride()) {
         const float v = ld(src, i);
@@ -114,12 +120,16 @@ __device__ void count_underflow_impl(const S* src, u64 n, u64* counts) {
             if (rnd((const D*)0, v) == 0.0f) flushed++;
         }
     }
-    if (flushed) atomicAdd(&counts[0], flushed);
-    if (non_zero) atomicAdd(&counts[1], non_zero);
+    if (flushed) atomicAdd(&counts[0], (C)flushed);
+    if (non_zero) atomicAdd(&counts[1], (C)non_zero);
 }
 
 #define COUNT_UNDERFLOW(sn, S, dn, D)                                                                        \
     extern "C" __global__ void count_underflow_##sn##_##dn(const S* src, u64 n, u64* counts) {             \
+        count_underflow_impl<S, D>(src, n, counts);                                                          \
+    }                                                                                                        \
+    /* counts: the block's LAST_FLUSHED and LAST_NON_ZERO words (zeroed by the host). */                     \
+    extern "C" __global__ void count_underflow_ctl_##sn##_##dn(const S* src, u64 n, unsigned* counts) {    \
         count_underflow_impl<S, D>(src, n, counts);                                                          \
     }
 FOR_FLOAT_PAIR(COUNT_UNDERFLOW)

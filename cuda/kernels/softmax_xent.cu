@@ -52,6 +52,19 @@ extern "C" __global__ void softmax_xent_finish(const float* partial, u64 parts, 
     }
 FOR_FLOAT_PAIR(SOFTMAX_XENT)
 
+// Backend::softmax_cross_entropy_scaled: g = (grad_scale * SCALE) * inv_rows with SCALE read from the step-control
+// block `ctl` on the device (the host computes the same product in the same order for the unscaled op). The bad
+// label flag is still raised, but nobody waits for it: the trainer validates labels on the host before upload.
+#define SOFTMAX_XENT_SCALED(ln, L, dn, D)                                                                    \
+    extern "C" __global__ void softmax_xent_scaled_##ln##_##dn(const L* logits, const int* labels, u64 rows, \
+                                                               u64 classes, D* dlogits, float grad_scale,    \
+                                                               float inv_rows, const unsigned* ctl,          \
+                                                               float* partial, int* bad) {                   \
+        const float g = grad_scale * __uint_as_float(ctl[CTL_SCALE]) * inv_rows;                             \
+        softmax_xent_impl(logits, labels, rows, classes, dlogits, g, partial, bad);                          \
+    }
+FOR_FLOAT_PAIR(SOFTMAX_XENT_SCALED)
+
 // out[r] = the first index of the largest logit of row r (NaN never wins), one thread per row.
 template <typename L>
 __device__ void argmax_impl(const L* logits, u64 rows, u64 classes, int* out) {
@@ -75,9 +88,10 @@ __device__ void argmax_impl(const L* logits, u64 rows, u64 classes, int* out) {
     }
 FOR_FLOAT(ARGMAX)
 
-// count[0] += rows whose arg-max logit (first on ties, NaN never wins) equals the label.
-template <typename L>
-__device__ void count_correct_impl(const L* logits, const int* labels, u64 rows, u64 classes, u64* count) {
+// count[0] += rows whose arg-max logit (first on ties, NaN never wins) equals the label. C: a u64 counter in the
+// scratch, or the u32 LAST_CORRECT word of the step-control block (counted modulo 2^32, the host's `as u32`).
+template <typename L, typename C>
+__device__ void count_correct_impl(const L* logits, const int* labels, u64 rows, u64 classes, C* count) {
     u64 c = 0;
     for (u64 r = gtid(); r < rows; r += gstride()) {
         float best = -INFINITY;
@@ -91,12 +105,16 @@ __device__ void count_correct_impl(const L* logits, const int* labels, u64 rows,
         }
         if (best_j == labels[r]) c++;
     }
-    if (c) atomicAdd(count, c);
+    if (c) atomicAdd(count, (C)c);
 }
 
 #define COUNT_CORRECT(n, T)                                                                                  \
     extern "C" __global__ void count_correct_##n(const T* logits, const int* labels, u64 rows, u64 classes,  \
                                                  u64* count) {                                               \
+        count_correct_impl(logits, labels, rows, classes, count);                                            \
+    }                                                                                                        \
+    extern "C" __global__ void count_correct_ctl_##n(const T* logits, const int* labels, u64 rows,           \
+                                                     u64 classes, unsigned* count) {                         \
         count_correct_impl(logits, labels, rows, classes, count);                                            \
     }
 FOR_FLOAT(COUNT_CORRECT)

@@ -13,7 +13,7 @@ use mantissa_core::{DType, Error, Result};
 const COMMON: &str = include_str!("../kernels/common.cuh");
 
 /// The op families, in [`Family`] order: `(file name, source)`.
-const FAMILIES: [(&str, &str); 7] = [
+const FAMILIES: [(&str, &str); 8] = [
     ("elementwise.cu", include_str!("../kernels/elementwise.cu")),
     ("softmax_xent.cu", include_str!("../kernels/softmax_xent.cu")),
     ("conv.cu", include_str!("../kernels/conv.cu")),
@@ -21,6 +21,7 @@ const FAMILIES: [(&str, &str); 7] = [
     ("reduce.cu", include_str!("../kernels/reduce.cu")),
     ("optim.cu", include_str!("../kernels/optim.cu")),
     ("gemm.cu", include_str!("../kernels/gemm.cu")),
+    ("control.cu", include_str!("../kernels/control.cu")),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -32,6 +33,33 @@ pub(crate) enum Family {
     Reduce = 4,
     Optim = 5,
     Gemm = 6,
+    Control = 7,
+}
+
+/// `#define CTL_<WORD> <index>` for every word of the step-control block, from [`mantissa_core::control`] (the
+/// one definition of the layout), compiled into every family after `common.cuh`.
+fn control_defines() -> String {
+    use mantissa_core::control as c;
+    let words = [
+        ("WORDS", c::WORDS),
+        ("SCALE", c::SCALE),
+        ("GOOD_STEPS", c::GOOD_STEPS),
+        ("HYSTERESIS_LEFT", c::HYSTERESIS_LEFT),
+        ("UPDATES", c::UPDATES),
+        ("SKIPPED", c::SKIPPED),
+        ("LAST_SCALE", c::LAST_SCALE),
+        ("LAST_APPLIED", c::LAST_APPLIED),
+        ("LAST_NORM", c::LAST_NORM),
+        ("LAST_NON_FINITE", c::LAST_NON_FINITE),
+        ("LAST_LOSS", c::LAST_LOSS),
+        ("LAST_CORRECT", c::LAST_CORRECT),
+        ("LAST_FLUSHED", c::LAST_FLUSHED),
+        ("LAST_NON_ZERO", c::LAST_NON_ZERO),
+        ("GRAD_MUL", c::GRAD_MUL),
+        ("BIAS_CORRECTION1", c::BIAS_CORRECTION1),
+        ("BIAS_CORRECTION2", c::BIAS_CORRECTION2),
+    ];
+    words.iter().map(|(name, w)| format!("#define CTL_{name} {w}\n")).collect()
 }
 
 /// The kernel-name suffix of a float dtype (`cast_f32_bf16`).
@@ -83,12 +111,14 @@ pub(crate) fn compile(arch: Option<&'static str>) -> Result<Arc<Vec<Ptx>>> {
     if let Some(p) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&arch) {
         return Ok(p.clone());
     }
+    let defines = control_defines();
+    let defines = defines.as_str();
     let results: Vec<Result<Ptx>> = std::thread::scope(|s| {
         let handles: Vec<_> = FAMILIES
             .iter()
             .map(|&(name, src)| {
                 s.spawn(move || {
-                    let full = format!("{COMMON}\n#line 1 \"{name}\"\n{src}");
+                    let full = format!("{COMMON}\n{defines}#line 1 \"{name}\"\n{src}");
                     cudarc::nvrtc::compile_ptx_with_opts(full, options(arch, name)).map_err(|e| nvrtc_error(name, e))
                 })
             })

@@ -26,10 +26,14 @@ use half::bf16;
 use mantissa_core::backend::{
     Activation, AdamWStep, Backend, Capabilities, ConvGeom, Gemm, GradStats, ParamBufs, PoolGeom, SgdStep,
 };
+use mantissa_core::control::StepRule;
 use mantissa_core::{Buf, DType, Error, Result};
 
+mod control;
 mod gemm;
+mod graph;
 mod kernels;
+mod lt;
 
 use kernels::{launch, Arg, Family, Kernels};
 
@@ -82,8 +86,12 @@ impl Drop for DeviceMemory {
 
 /// The CUDA backend: one GPU, one stream, one device allocation.
 pub struct CudaBackend {
-    // Field order is drop order: cuBLAS and the modules go before the memory, the memory before the context.
+    // Field order is drop order: the recorded graphs, cuBLAS and the modules go before the memory, the memory
+    // before the context.
+    graphs: graph::Graphs,
     blas: CudaBlas,
+    /// cuBLASLt for the fused-epilogue GEMMs, with its per-problem cache (see `lt.rs`).
+    lt: lt::Lt,
     kernels: Kernels,
     _mem: DeviceMemory,
     stream: Arc<CudaStream>,
@@ -202,7 +210,9 @@ impl CudaBackend {
 
         let (major, minor) = compute_capability;
         Ok(CudaBackend {
+            graphs: graph::Graphs::new(ctx.clone(), stream.clone()),
             blas,
+            lt: lt::Lt::open(),
             kernels,
             _mem: mem,
             stream,
@@ -288,6 +298,7 @@ impl CudaBackend {
     }
 
     fn sync(&self) -> Result<()> {
+        self.graphs.refuse("cannot wait for the device while recording a CUDA graph")?;
         self.stream.synchronize().map_err(driver("stream synchronize"))
     }
 
@@ -295,6 +306,8 @@ impl CudaBackend {
         if src.is_empty() {
             return Ok(());
         }
+        // A recorded copy would read `src` again at every replay, long after it is gone.
+        self.graphs.refuse("cannot copy host memory to the device while recording a CUDA graph")?;
         // SAFETY: callers validated that `dst` addresses `size_of_val(src)` bytes inside our allocation. From
         // pageable memory the call returns once `src` has been staged, so `src` may be reused right after.
         unsafe { cur::memcpy_htod_async(dst, src, self.stream.cu_stream()) }.map_err(driver("copy to the device"))
@@ -305,6 +318,7 @@ impl CudaBackend {
         if dst.is_empty() {
             return Ok(());
         }
+        self.graphs.refuse("cannot copy device memory to the host while recording a CUDA graph")?;
         // SAFETY: callers validated that `src` addresses `size_of_val(dst)` bytes inside our allocation; the
         // stream is synchronized before `dst` is read.
         unsafe { cur::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }.map_err(driver("copy to the host"))?;
@@ -398,8 +412,10 @@ fn arch_name((major, minor): (i32, i32)) -> Option<&'static str> {
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
-        // Let queued work finish before the fields (cuBLAS, modules, then the memory) are released.
+        // Let queued work finish before the fields (graphs, cuBLAS, modules, then the memory) are released;
+        // a capture left open is ended first (a capturing stream cannot be synchronised).
         let _ = self.enter();
+        self.graphs.abandon();
         let _ = self.stream.synchronize();
     }
 }
@@ -538,6 +554,10 @@ impl Backend for CudaBackend {
         gemm::gemm(self, g)
     }
 
+    fn gemm_fused(&mut self, g: &Gemm, ep: &mantissa_core::backend::Epilogue) -> Result<()> {
+        lt::gemm_fused(self, g, ep)
+    }
+
     fn add_bias(&mut self, y: Buf, bias: Buf, outer: usize, channels: usize, inner: usize) -> Result<()> {
         self.check(y, "add_bias y")?;
         self.check(bias, "add_bias bias")?;
@@ -674,55 +694,8 @@ impl Backend for CudaBackend {
         dlogits: Buf,
         grad_scale: f32,
     ) -> Result<()> {
-        self.check(logits, "softmax_cross_entropy logits")?;
-        self.check(labels, "softmax_cross_entropy labels")?;
-        self.check(loss, "softmax_cross_entropy loss")?;
-        self.check(dlogits, "softmax_cross_entropy dlogits")?;
-        Self::check_len(logits, rows * classes, "softmax_cross_entropy logits")?;
-        Self::check_len(dlogits, rows * classes, "softmax_cross_entropy dlogits")?;
-        Self::check_len(labels, rows, "softmax_cross_entropy labels")?;
-        Self::check_len(loss, 1, "softmax_cross_entropy loss")?;
-        if labels.dtype != DType::I32 {
-            return Err(Error::UnsupportedDType { what: "softmax_cross_entropy labels", dtype: labels.dtype });
-        }
-        if loss.dtype != DType::F32 {
-            return Err(Error::UnsupportedDType { what: "softmax_cross_entropy loss", dtype: loss.dtype });
-        }
-        let (lt, dt) = (Self::float(logits, "softmax_cross_entropy")?, Self::float(dlogits, "softmax_cross_entropy")?);
-        self.enter()?;
-        if rows == 0 {
-            return self.memset(loss.prefix(1), 0.0);
-        }
-        let inv_rows = 1.0 / rows as f32;
-        let flag = self.scratch + FLAG_OFF as u64;
-        let partial = self.scratch + LOSS_OFF as u64;
-        // SAFETY: the flag words are inside our scratch.
-        unsafe { cu::cuMemsetD32Async(flag, 0, 2, self.stream.cu_stream()) }.result().map_err(driver("memset"))?;
-        // One warp per row, 8 rows per block.
-        let blocks = rows.div_ceil(8).min(MAX_PARTIAL_BLOCKS);
-        let f = self.kernels.get(Family::SoftmaxXent, "softmax_xent", Some(lt), Some(dt))?;
-        let args = [
-            Arg::U64(self.ptr(logits)),
-            Arg::U64(self.ptr(labels)),
-            Arg::U64(rows as u64),
-            Arg::U64(classes as u64),
-            Arg::U64(self.ptr(dlogits)),
-            Arg::F32(grad_scale * inv_rows),
-            Arg::U64(partial),
-            Arg::U64(flag),
-        ];
-        launch(&self.stream, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
-        let f = self.kernels.get(Family::SoftmaxXent, "softmax_xent_finish", None, None)?;
-        let args = [Arg::U64(partial), Arg::U64(blocks as u64), Arg::F32(inv_rows), Arg::U64(self.ptr(loss))];
-        launch(&self.stream, f, (1, 1, 1), (1024, 1, 1), &args)?;
-        // The reference rejects a bad label before writing anything; here the kernel finds it, so wait for the
-        // flag (the trainer reads the loss right after anyway).
-        let mut bad = [0i32; 2];
-        self.dtoh(&mut bad, flag)?;
-        if bad[0] != 0 {
-            return Err(Error::LabelOutOfRange { label: bad[1], classes });
-        }
-        Ok(())
+        // Waits for the bad-label flag, except while recording (see control::softmax_xent).
+        control::softmax_xent(self, logits, labels, rows, classes, loss, dlogits, grad_scale, None)
     }
 
     fn im2col(&mut self, x: Buf, g: &ConvGeom, images: usize, cols: Buf) -> Result<()> {
@@ -1013,6 +986,58 @@ impl Backend for CudaBackend {
     fn synchronize(&mut self) -> Result<()> {
         self.enter()?;
         self.sync()
+    }
+
+    // ---- The step-control block (kernels on the device, no wait: see control.rs) and recording (graph.rs).
+
+    fn softmax_cross_entropy_scaled(
+        &mut self,
+        logits: Buf,
+        labels: Buf,
+        rows: usize,
+        classes: usize,
+        loss: Buf,
+        dlogits: Buf,
+        grad_scale: f32,
+        ctl: Buf,
+    ) -> Result<()> {
+        control::softmax_xent(self, logits, labels, rows, classes, loss, dlogits, grad_scale, Some(ctl))
+    }
+
+    fn count_correct_to(&mut self, logits: Buf, labels: Buf, rows: usize, classes: usize, ctl: Buf) -> Result<()> {
+        control::count_correct_to(self, logits, labels, rows, classes, ctl)
+    }
+
+    fn count_underflow_to(&mut self, src: Buf, dtype: DType, ctl: Buf) -> Result<()> {
+        control::count_underflow_to(self, src, dtype, ctl)
+    }
+
+    fn step_control(&mut self, ctl: Buf, grad: Buf, loss: Buf, rule: &StepRule) -> Result<()> {
+        control::step_control(self, ctl, grad, loss, rule)
+    }
+
+    fn adamw_step_gated(&mut self, p: &ParamBufs, s: &AdamWStep, ctl: Buf) -> Result<()> {
+        control::adamw_step_gated(self, p, s, ctl)
+    }
+
+    fn sgd_step_gated(&mut self, p: &ParamBufs, s: &SgdStep, ctl: Buf) -> Result<()> {
+        control::sgd_step_gated(self, p, s, ctl)
+    }
+
+    fn record_begin(&mut self) -> Result<bool> {
+        self.graphs.begin()
+    }
+
+    fn record_end(&mut self, keep: bool) -> Result<Option<usize>> {
+        self.graphs.end(keep)
+    }
+
+    fn replay(&mut self, id: usize) -> Result<()> {
+        self.graphs.replay(id)
+    }
+
+    fn clear_recordings(&mut self) {
+        self.graphs.clear()
     }
 }
 

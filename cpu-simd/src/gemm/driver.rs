@@ -168,15 +168,15 @@ unsafe fn macro_kernel<M: Micro>(
     debug_assert!(M::MR * M::NR <= MAX_TILE);
     let kp = kc.div_ceil(M::KU);
     let (a_panel, b_panel) = (kp * M::KU * M::MR, kp * M::KU * M::NR);
-    for (sj, jr) in (0..nc).step_by(M::NR).enumerate() {
-        let nr = M::NR.min(nc - jr);
-        // SAFETY: panel sj exists in the packed B block.
-        let b = unsafe { bp.add(sj * b_panel) };
-        for (si, ir) in (0..mc).step_by(M::MR).enumerate() {
-            let mr = M::MR.min(mc - ir);
-            // SAFETY: panel si exists in the packed A block; tile (ir, jr) in C.
+    for (si, ir) in (0..mc).step_by(M::MR).enumerate() {
+        let mr = M::MR.min(mc - ir);
+        // SAFETY: panel si exists in the packed A block.
+        let a = unsafe { ap.add(si * a_panel) };
+        for (sj, jr) in (0..nc).step_by(M::NR).enumerate() {
+            let nr = M::NR.min(nc - jr);
+            // SAFETY: panel sj exists in the packed B block; tile (ir, jr) in C.
             unsafe {
-                let a = ap.add(si * a_panel);
+                let b = bp.add(sj * b_panel);
                 let ct = c.offset(ir as isize * rsc + jr as isize * csc);
                 if mr == M::MR && nr == M::NR {
                     M::kernel(kp, alpha, a, b, beta, ct, rsc, csc);

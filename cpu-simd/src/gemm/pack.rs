@@ -10,9 +10,7 @@
 //! loop LLVM can vectorize.
 
 use super::f16c::{load_f32, run_to_f32};
-use super::Elem;
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-use super::ElemKind;
+use super::{Elem, ElemKind};
 
 /// Packs one f32 panel: `dst[p * R + i] = src[i * rs + p * ks]`.
 ///
@@ -31,6 +29,21 @@ pub(crate) unsafe fn pack_f32<T: Elem, const R: usize, const F16C: bool>(
     debug_assert!(valid <= R);
     if valid == R && rs == 1 {
         // Contiguous across the panel (B row-major, A column-major): runs of R.
+        if matches!(T::KIND, ElemKind::F32) {
+            // A plain copy of R f32 per k; a constant-size copy becomes vector moves (the generic
+            // element loop below stays scalar, since LLVM cannot rule out overlap).
+            for p in 0..kc {
+                // SAFETY: as below; T is f32, so the source run is R f32.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(
+                        src.offset(p as isize * ks) as *const [f32; R],
+                        dst.add(p * R) as *mut [f32; R],
+                        1,
+                    )
+                };
+            }
+            return;
+        }
         for p in 0..kc {
             // SAFETY: row p of the panel is readable (caller); dst has kc * R slots.
             unsafe { run_to_f32::<T, R, F16C>(src.offset(p as isize * ks), dst.add(p * R)) };
