@@ -16,7 +16,9 @@
 //! Numerics follow [`mantissa_core::backend`]'s conventions (loads widen to f32, compute in f32, stores round
 //! to nearest even); [`mantissa_core::Reference`] is the specification and `cuda/tests` compare every op with it.
 //! Ops are queued on one stream; the ones that return data (`download*`, `grad_stats`, and
-//! `softmax_cross_entropy`, which reports a bad label) wait for it.
+//! `softmax_cross_entropy`, which reports a bad label) wait for it. A training step needs none of them: its
+//! decisions (apply or skip, the loss scale, the optimizer's multipliers) are made by kernels in the step-control
+//! block (`control.rs`), and the whole step can be recorded once and replayed as a CUDA graph (`graph.rs`).
 
 use std::sync::Arc;
 
@@ -106,6 +108,9 @@ pub struct CudaBackend {
     compute_capability: (i32, i32),
     /// Host staging for downloads that convert (16-bit and i32 to f32).
     host: Vec<u8>,
+    /// Taken when the backend is dropped and released after every other field: no graph capture (on another
+    /// thread) runs while this backend's memory, modules and handles are freed (see graph.rs).
+    closing: Option<graph::Exclusive>,
 }
 
 // SAFETY: the raw handles inside (`CUfunction`s, the device address) belong to the CUDA context, not to a
@@ -147,6 +152,9 @@ impl CudaBackend {
                 return Err(Error::DeviceUnavailable(why));
             }
         }
+        // Allocating memory, loading modules and creating handles must not overlap another backend's graph
+        // capture (see graph.rs).
+        let _gate = graph::Exclusive::acquire();
         // A library can still be present but unusable (too old, a symbol missing), which cudarc also reports
         // by panicking on first use; catch that here and answer with an error value. (The panic message is
         // still printed by the panic hook, which says which library and symbol.)
@@ -161,6 +169,10 @@ impl CudaBackend {
             return Err(Error::DeviceUnavailable("no CUDA device with that ordinal"));
         }
         let ctx = CudaContext::new(ordinal).map_err(driver("creating the CUDA context"))?;
+        // SAFETY: cudarc's event tracking orders uses of its `CudaSlice`s across streams; this backend has none
+        // (raw addresses into one allocation, one stream), so there is nothing to track. Off, `new_stream` also
+        // skips its context-wide synchronize, which could disturb another backend's graph capture.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(driver("creating a stream"))?;
         let name = ctx.name().unwrap_or_else(|_| "NVIDIA GPU".to_string());
         let compute_capability = ctx.compute_capability().map_err(driver("reading the compute capability"))?;
@@ -224,6 +236,7 @@ impl CudaBackend {
             device: Box::leak(format!("{name} (sm_{major}{minor})").into_boxed_str()),
             compute_capability,
             host: Vec::new(),
+            closing: None,
         })
     }
 
@@ -416,6 +429,7 @@ impl Drop for CudaBackend {
         // a capture left open is ended first (a capturing stream cannot be synchronised).
         let _ = self.enter();
         self.graphs.abandon();
+        self.closing = Some(graph::Exclusive::acquire());
         let _ = self.stream.synchronize();
     }
 }

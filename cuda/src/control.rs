@@ -1,0 +1,299 @@
+//! The step-control block on the device ([`mantissa_core::control`]): the overrides of the `Backend` methods
+//! that decide a step where the data is. None of them waits for the device or copies to or from the host, so a
+//! whole training step queues without a round trip and can be recorded as a CUDA graph ([`crate::graph`]).
+//!
+//! - `softmax_cross_entropy_scaled`: the softmax kernel with the block's `SCALE` read on the device.
+//! - `count_correct_to`, `count_underflow_to`: the device counts, written straight into their words.
+//! - `step_control`: `grad_stats`' per-block partial sums (unscaled by `1 / SCALE`, read on the device), then
+//!   one block (`kernels/control.cu`) that adds them in f64 and performs [`mantissa_core::control::decide`].
+//! - `adamw_step_gated`, `sgd_step_gated`: the fused optimizer kernels, which read `LAST_APPLIED` (and return at
+//!   once on a skipped step), `GRAD_MUL` and the bias corrections from the block.
+//!
+//! Each is checked against the provided host versions on the reference backend (`cuda/tests/control.rs`).
+
+use cudarc::driver::sys as cu;
+use mantissa_core::backend::{check_control, AdamWStep, ParamBufs, SgdStep};
+use mantissa_core::control::{self as block, StepRule};
+use mantissa_core::{Buf, DType, Error, LossScale, Result};
+
+use crate::kernels::{launch, Arg, Family};
+use crate::{driver, CudaBackend, FLAG_OFF, LOSS_OFF, MAX_PARTIAL_BLOCKS, STATS_SUM_OFF};
+
+// count_underflow_to zeroes and counts into the two words with one memset and one kernel argument.
+const _: () = assert!(block::LAST_NON_ZERO == block::LAST_FLUSHED + 1);
+
+// The loss-scale modes of kernels/control.cu (LOSS_SCALE_*).
+const MODE_NONE: i32 = 0;
+const MODE_FIXED: i32 = 1;
+const MODE_DYNAMIC: i32 = 2;
+/// Threads of the step_control kernel (CONTROL_THREADS in kernels/control.cu).
+const CONTROL_THREADS: u32 = 256;
+
+impl CudaBackend {
+    /// Checks the control block (an I32 buffer of exactly `control::WORDS` words inside the arena) and returns
+    /// its device address.
+    fn control_block(&self, ctl: Buf) -> Result<u64> {
+        check_control(ctl)?;
+        self.check(ctl, "step control block")?;
+        Ok(self.ptr(ctl))
+    }
+
+    /// Zeroes `words` 32-bit words at device address `at` (a checked control block or the scratch), in stream
+    /// order.
+    fn memset_words(&self, at: u64, words: usize) -> Result<()> {
+        // SAFETY: callers pass an address inside the backend's allocation with `words` words after it.
+        unsafe { cu::cuMemsetD32Async(at, 0, words, self.stream.cu_stream()) }.result().map_err(driver("memset"))
+    }
+}
+
+/// Softmax cross-entropy (see `Backend::softmax_cross_entropy`). With `ctl`, `grad_scale` is further multiplied
+/// by the block's `SCALE` on the device. A label outside `0..classes` raises a flag in the scratch (its row is
+/// left untouched); only the plain op outside a recording waits for that flag and reports
+/// [`Error::LabelOutOfRange`]. The scaled op never waits, and nothing can wait while recording: there the
+/// trainer validates the labels on the host before it uploads them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn softmax_xent(
+    be: &mut CudaBackend,
+    logits: Buf,
+    labels: Buf,
+    rows: usize,
+    classes: usize,
+    loss: Buf,
+    dlogits: Buf,
+    grad_scale: f32,
+    ctl: Option<Buf>,
+) -> Result<()> {
+    let ctl = ctl.map(|c| be.control_block(c)).transpose()?;
+    be.check(logits, "softmax_cross_entropy logits")?;
+    be.check(labels, "softmax_cross_entropy labels")?;
+    be.check(loss, "softmax_cross_entropy loss")?;
+    be.check(dlogits, "softmax_cross_entropy dlogits")?;
+    CudaBackend::check_len(logits, rows * classes, "softmax_cross_entropy logits")?;
+    CudaBackend::check_len(dlogits, rows * classes, "softmax_cross_entropy dlogits")?;
+    CudaBackend::check_len(labels, rows, "softmax_cross_entropy labels")?;
+    CudaBackend::check_len(loss, 1, "softmax_cross_entropy loss")?;
+    if labels.dtype != DType::I32 {
+        return Err(Error::UnsupportedDType { what: "softmax_cross_entropy labels", dtype: labels.dtype });
+    }
+    if loss.dtype != DType::F32 {
+        return Err(Error::UnsupportedDType { what: "softmax_cross_entropy loss", dtype: loss.dtype });
+    }
+    let (lt, dt) =
+        (CudaBackend::float(logits, "softmax_cross_entropy")?, CudaBackend::float(dlogits, "softmax_cross_entropy")?);
+    be.enter()?;
+    if rows == 0 {
+        return be.memset(loss.prefix(1), 0.0);
+    }
+    let inv_rows = 1.0 / rows as f32;
+    let flag = be.scratch + FLAG_OFF as u64;
+    let partial = be.scratch + LOSS_OFF as u64;
+    let wait = ctl.is_none() && !be.graphs.recording();
+    if wait {
+        be.memset_words(flag, 2)?;
+    }
+    // One warp per row, 8 rows per block.
+    let blocks = rows.div_ceil(8).min(MAX_PARTIAL_BLOCKS);
+    let mut args = vec![
+        Arg::U64(be.ptr(logits)),
+        Arg::U64(be.ptr(labels)),
+        Arg::U64(rows as u64),
+        Arg::U64(classes as u64),
+        Arg::U64(be.ptr(dlogits)),
+    ];
+    let f = match ctl {
+        // g = (grad_scale * SCALE) * inv_rows, multiplied in that order on the device.
+        Some(c) => {
+            args.extend([Arg::F32(grad_scale), Arg::F32(inv_rows), Arg::U64(c)]);
+            be.kernels.get(Family::SoftmaxXent, "softmax_xent_scaled", Some(lt), Some(dt))?
+        }
+        None => {
+            args.push(Arg::F32(grad_scale * inv_rows));
+            be.kernels.get(Family::SoftmaxXent, "softmax_xent", Some(lt), Some(dt))?
+        }
+    };
+    args.extend([Arg::U64(partial), Arg::U64(flag)]);
+    launch(&be.stream, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
+    let f = be.kernels.get(Family::SoftmaxXent, "softmax_xent_finish", None, None)?;
+    let args = [Arg::U64(partial), Arg::U64(blocks as u64), Arg::F32(inv_rows), Arg::U64(be.ptr(loss))];
+    launch(&be.stream, f, (1, 1, 1), (1024, 1, 1), &args)?;
+    if !wait {
+        return Ok(());
+    }
+    // The reference rejects a bad label before writing anything; here the kernel finds it, so wait for the
+    // flag (the trainer reads the loss right after anyway).
+    let mut bad = [0i32; 2];
+    be.dtoh(&mut bad, flag)?;
+    if bad[0] != 0 {
+        return Err(Error::LabelOutOfRange { label: bad[1], classes });
+    }
+    Ok(())
+}
+
+/// `Backend::count_correct_to`: the count kernel adds straight into the zeroed `LAST_CORRECT` word.
+pub(crate) fn count_correct_to(
+    be: &mut CudaBackend,
+    logits: Buf,
+    labels: Buf,
+    rows: usize,
+    classes: usize,
+    ctl: Buf,
+) -> Result<()> {
+    let c = be.control_block(ctl)?;
+    be.check(logits, "count_correct logits")?;
+    be.check(labels, "count_correct labels")?;
+    let lt = CudaBackend::float(logits, "count_correct")?;
+    if labels.dtype != DType::I32 {
+        return Err(Error::UnsupportedDType { what: "count_correct labels", dtype: labels.dtype });
+    }
+    if logits.len < rows * classes || labels.len < rows {
+        return Err(Error::ShapeMismatch { what: "count_correct", expected: rows * classes, got: logits.len });
+    }
+    be.enter()?;
+    let word = c + 4 * block::LAST_CORRECT as u64;
+    be.memset_words(word, 1)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let args = [
+        Arg::U64(be.ptr(logits)),
+        Arg::U64(be.ptr(labels)),
+        Arg::U64(rows as u64),
+        Arg::U64(classes as u64),
+        Arg::U64(word),
+    ];
+    be.run(Family::SoftmaxXent, "count_correct_ctl", lt, None, rows, &args)
+}
+
+/// `Backend::count_underflow_to`: the count kernel adds straight into the zeroed `LAST_FLUSHED` and
+/// `LAST_NON_ZERO` words.
+pub(crate) fn count_underflow_to(be: &mut CudaBackend, src: Buf, dtype: DType, ctl: Buf) -> Result<()> {
+    let c = be.control_block(ctl)?;
+    be.check(src, "count_underflow")?;
+    let st = CudaBackend::float(src, "count_underflow")?;
+    let dt = if dtype == DType::I32 { DType::F32 } else { dtype };
+    be.enter()?;
+    let words = c + 4 * block::LAST_FLUSHED as u64;
+    be.memset_words(words, 2)?;
+    if src.len == 0 {
+        return Ok(());
+    }
+    let args = [Arg::U64(be.ptr(src)), Arg::U64(src.len as u64), Arg::U64(words)];
+    be.run(Family::Reduce, "count_underflow_ctl", st, Some(dt), src.len, &args)
+}
+
+/// `Backend::step_control`: per-block partial sums of the unscaled gradients into the scratch, then the
+/// one-block decision kernel with the rule's constants as arguments.
+pub(crate) fn step_control(be: &mut CudaBackend, ctl: Buf, grad: Buf, loss: Buf, rule: &StepRule) -> Result<()> {
+    let c = be.control_block(ctl)?;
+    be.check(grad, "step_control grad")?;
+    be.check(loss, "step_control loss")?;
+    let gt = CudaBackend::float(grad, "step_control grad")?;
+    let lt = CudaBackend::float(loss, "step_control loss")?;
+    CudaBackend::check_len(loss, 1, "step_control loss")?;
+    let (mode, fixed, dynamic) = match rule.loss_scale {
+        LossScale::None => (MODE_NONE, 1.0, None),
+        LossScale::Fixed(s) => (MODE_FIXED, s, None),
+        LossScale::Dynamic(d) => (MODE_DYNAMIC, 1.0, Some(d.config)),
+    };
+    be.enter()?;
+    // Pass 1, as grad_stats launches it (same blocks, same per-block partials).
+    let sums = be.scratch + STATS_SUM_OFF as u64;
+    let parts =
+        if grad.len == 0 { 0 } else { grad.len.div_ceil(256).min(MAX_PARTIAL_BLOCKS).min(be.sm_count as usize * 8) };
+    let counts = sums + (parts * 8) as u64;
+    if parts > 0 {
+        let f = be.kernels.get(Family::Reduce, "grad_stats_ctl", Some(gt), None)?;
+        let args = [Arg::U64(be.ptr(grad)), Arg::U64(grad.len as u64), Arg::U64(c), Arg::U64(sums), Arg::U64(counts)];
+        launch(&be.stream, f, (parts as u32, 1, 1), (256, 1, 1), &args)?;
+    }
+    // Pass 2: the decision.
+    let (clip, clip_norm) = match rule.clip_norm {
+        Some(m) => (1, m),
+        None => (0, 0.0),
+    };
+    let (adam, (beta1, beta2)) = match rule.adam_betas {
+        Some(b) => (1, b),
+        None => (0, (0.0, 0.0)),
+    };
+    let (growth, backoff, interval, hysteresis, min_scale) = match dynamic {
+        Some(d) => (d.growth_factor, d.backoff_factor, d.growth_interval, d.hysteresis, d.min_scale),
+        None => (1.0, 1.0, 1, 1, 0.0),
+    };
+    let f = be.kernels.get(Family::Control, "step_control", Some(lt), None)?;
+    let args = [
+        Arg::U64(c),
+        Arg::U64(sums),
+        Arg::U64(counts),
+        Arg::U64(parts as u64),
+        Arg::U64(be.ptr(loss)),
+        Arg::I32(mode),
+        Arg::F32(fixed),
+        Arg::F32(growth),
+        Arg::F32(backoff),
+        Arg::I32(interval as i32),
+        Arg::I32(hysteresis as i32),
+        Arg::F32(min_scale),
+        Arg::I32(clip),
+        Arg::F32(clip_norm),
+        Arg::I32(adam),
+        Arg::F32(beta1),
+        Arg::F32(beta2),
+    ];
+    launch(&be.stream, f, (1, 1, 1), (CONTROL_THREADS, 1, 1), &args)
+}
+
+/// `Backend::adamw_step_gated`: the fused AdamW kernel, gated and parameterised by the block on the device
+/// (`s.grad_scale` and the bias corrections are ignored).
+pub(crate) fn adamw_step_gated(be: &mut CudaBackend, p: &ParamBufs, s: &AdamWStep, ctl: Buf) -> Result<()> {
+    let c = be.control_block(ctl)?;
+    let n = be.check_params(p, true, true)?;
+    if n == 0 {
+        return Ok(());
+    }
+    be.enter()?;
+    let (wt, working, write) = be.working(p);
+    let args = [
+        Arg::U64(be.ptr(p.master)),
+        Arg::U64(working),
+        Arg::U64(be.ptr(p.grad)),
+        Arg::U64(be.ptr(p.state1)),
+        Arg::U64(be.ptr(p.state2)),
+        Arg::U64(n as u64),
+        Arg::F32(s.lr),
+        Arg::F32(s.beta1),
+        Arg::F32(s.beta2),
+        Arg::F32(s.eps),
+        Arg::F32(s.weight_decay),
+        Arg::U64(c),
+        Arg::I32(write),
+    ];
+    let ptrs = [be.ptr(p.master), working, be.ptr(p.grad), be.ptr(p.state1), be.ptr(p.state2)];
+    be.run_vec(Family::Optim, ("adamw_gated", "adamw8_gated"), wt, None, n, &ptrs, &args)
+}
+
+/// `Backend::sgd_step_gated`: the fused SGD kernel, gated by the block, with its gradient multiplier.
+pub(crate) fn sgd_step_gated(be: &mut CudaBackend, p: &ParamBufs, s: &SgdStep, ctl: Buf) -> Result<()> {
+    let c = be.control_block(ctl)?;
+    let n = be.check_params(p, s.momentum != 0.0, false)?;
+    if n == 0 {
+        return Ok(());
+    }
+    be.enter()?;
+    let (wt, working, write) = be.working(p);
+    let mom = if s.momentum != 0.0 { be.ptr(p.state1) } else { 0 };
+    let args = [
+        Arg::U64(be.ptr(p.master)),
+        Arg::U64(working),
+        Arg::U64(be.ptr(p.grad)),
+        Arg::U64(mom),
+        Arg::U64(n as u64),
+        Arg::F32(s.lr),
+        Arg::F32(s.momentum),
+        Arg::I32(s.nesterov as i32),
+        Arg::F32(s.weight_decay),
+        Arg::U64(c),
+        Arg::I32(write),
+    ];
+    let ptrs = [be.ptr(p.master), working, be.ptr(p.grad), if mom != 0 { mom } else { be.ptr(p.master) }];
+    be.run_vec(Family::Optim, ("sgd_gated", "sgd8_gated"), wt, None, n, &ptrs, &args)
+}
