@@ -119,7 +119,7 @@ run() {
         echo "nsys not installed: no kernel profile" >"$out/profile.log"
     fi
     if [ -x .gpu/cpu_vs_gpu ]; then
-        timeout 400 .gpu/cpu_vs_gpu --bench --warm-up-time 1 --measurement-time 3 >"$out/bench.log" 2>&1
+        timeout 150 .gpu/cpu_vs_gpu --bench --warm-up-time 1 --measurement-time 2 >"$out/bench.log" 2>&1
         echo "=== cpu_vs_gpu exit $?" >>"$out/bench.log"
     fi
 
