@@ -92,9 +92,19 @@ type RawGemm<TI, TC> = dyn Fn(
 /// Runs every kernel x size x transpose x (alpha, beta) x threads through `call` and
 /// checks against f64. `out_mantissa`: explicit mantissa bits of C (None for f32).
 fn check_all<TI: Elem, TC: Elem>(label: &str, out_mantissa: Option<i32>, call: &RawGemm<TI, TC>) {
+    check_sizes(&SIZES, label, out_mantissa, call)
+}
+
+/// [`check_all`] on the given (m, n, k).
+fn check_sizes<TI: Elem, TC: Elem>(
+    sizes: &[(usize, usize, usize)],
+    label: &str,
+    out_mantissa: Option<i32>,
+    call: &RawGemm<TI, TC>,
+) {
     let mut rng = Rng(0x5eed);
     let mut worst = 0.0f64;
-    for &(m, n, k) in &SIZES {
+    for &(m, n, k) in sizes {
         for combo in 0..4 {
             let (ta, tb) = (combo & 1 == 1, combo & 2 == 2);
             let (a, rsa, csa) = make::<TI>(&mut rng, m, k, ta, 3, f32::NAN);
@@ -196,6 +206,25 @@ fn f32_all_kernels() {
         // SAFETY: check_all passes views that lie inside its buffers, C separate.
         gemm_f32(kn, th, m, n, k, al, a, rsa, csa, b, rsb, csb, be, c, rsc, csc)
     });
+}
+
+/// Sizes past every cache block of the f32 kernels (AVX-512: KC 256, MC 224, NC 1024), so that
+/// the packers' block paths run with partial last blocks: m = 230 (MC + 6 rows), n = 1060 (NC +
+/// a panel and a bit), k = 530 (two KC blocks and 18, not a multiple of the 16-k transpose), in
+/// all four layouts (row-major A and column-major B pack through the in-register transpose,
+/// the other two row by row).
+#[test]
+fn f32_all_kernels_across_cache_blocks() {
+    let sizes = [(230, 1060, 530)];
+    check_sizes::<f32, f32>(
+        &sizes,
+        "f32 blocks",
+        None,
+        &|kn, th, m, n, k, al, a, rsa, csa, b, rsb, csb, be, c, rsc, csc| unsafe {
+            // SAFETY: check_sizes passes views that lie inside its buffers, C separate.
+            gemm_f32(kn, th, m, n, k, al, a, rsa, csa, b, rsb, csb, be, c, rsc, csc)
+        },
+    );
 }
 
 #[test]

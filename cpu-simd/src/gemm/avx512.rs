@@ -4,7 +4,8 @@
 use core::arch::x86_64::*;
 
 use super::driver::{gemm_blocked, store_tile_strided};
-use super::pack::pack_f32;
+use super::driver::{pack_a_panels, pack_b_panels};
+use super::pack::{pack_f32, pack_f32_rows};
 use super::{scratch_of, tile_of, Elem, ElemKind, GemmKernel, Micro, Task};
 
 /// The AVX-512F kernel family.
@@ -15,8 +16,6 @@ pub(crate) struct Avx512F32;
 
 pub(crate) const MR: usize = 14;
 pub(crate) const NR: usize = 32;
-/// k steps before the end of the micro-kernel's loop at which C's tile is prefetched.
-const PF_TAIL: usize = 64;
 
 impl Micro for Avx512F32 {
     type P = f32;
@@ -54,6 +53,30 @@ impl Micro for Avx512F32 {
     }
 
     #[inline(always)]
+    unsafe fn pack_a_block<T: Elem>(mc: usize, kc: usize, a: *const T, rsa: isize, csa: isize, dst: *mut f32) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            if rsa == 1 && matches!(T::KIND, ElemKind::F32) {
+                pack_f32_rows::<MR>(kc, mc, a as *const f32, csa, dst)
+            } else {
+                pack_a_panels::<Self, T>(mc, kc, a, rsa, csa, dst)
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn pack_b_block<T: Elem>(kc: usize, nc: usize, b: *const T, rsb: isize, csb: isize, dst: *mut f32) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            if csb == 1 && matches!(T::KIND, ElemKind::F32) {
+                pack_f32_rows::<NR>(kc, nc, b as *const f32, rsb, dst)
+            } else {
+                pack_b_panels::<Self, T>(kc, nc, b, rsb, csb, dst)
+            }
+        }
+    }
+
+    #[inline(always)]
     unsafe fn kernel(
         kp: usize,
         alpha: f32,
@@ -69,7 +92,7 @@ impl Micro for Avx512F32 {
         unsafe {
             let mut acc0 = [_mm512_setzero_ps(); MR];
             let mut acc1 = [_mm512_setzero_ps(); MR];
-            let mut step = |p: usize| {
+            for p in 0..kp {
                 let b0 = _mm512_loadu_ps(b.add(p * NR));
                 let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
                 let ap = a.add(p * MR);
@@ -78,20 +101,6 @@ impl Micro for Avx512F32 {
                     acc0[i] = _mm512_fmadd_ps(ai, b0, acc0[i]);
                     acc1[i] = _mm512_fmadd_ps(ai, b1, acc1[i]);
                 }
-            };
-            let tail = kp.min(PF_TAIL);
-            for p in 0..kp - tail {
-                step(p);
-            }
-            if csc == 1 {
-                for i in 0..MR {
-                    let row = c.offset(i as isize * rsc) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(row);
-                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(64));
-                }
-            }
-            for p in kp - tail..kp {
-                step(p);
             }
             store_acc(&acc0, &acc1, alpha, beta, c, rsc, csc);
         }

@@ -68,12 +68,12 @@ pub(crate) unsafe fn gemm_blocked<M: Micro, TA: Elem, TB: Elem, TC: Elem>(t: &Ta
                 let kc = M::KC.min(k - pc);
                 let beta = if pc == 0 { t.beta } else { 1.0 };
                 // SAFETY: the block lies inside B; bp holds nc x kc (rounded) P.
-                unsafe { pack_b_block::<M, TB>(kc, nc, bt(pc, jc), t.rsb, t.csb, bp) };
+                unsafe { M::pack_b_block::<TB>(kc, nc, bt(pc, jc), t.rsb, t.csb, bp) };
                 for ic in (0..m).step_by(M::MC) {
                     let mc = M::MC.min(m - ic);
                     // SAFETY: as for B; C block (ic.., jc..) lies inside C, TC is f32.
                     unsafe {
-                        pack_a_block::<M, TA>(mc, kc, at(ic, pc), t.rsa, t.csa, ap);
+                        M::pack_a_block::<TA>(mc, kc, at(ic, pc), t.rsa, t.csa, ap);
                         let cb = c.offset(ic as isize * t.rsc + jc as isize * t.csc);
                         macro_kernel::<M>(mc, nc, kc, t.alpha, ap, bp, beta, cb, t.rsc, t.csc);
                     }
@@ -88,8 +88,8 @@ pub(crate) unsafe fn gemm_blocked<M: Micro, TA: Elem, TB: Elem, TC: Elem>(t: &Ta
                     // SAFETY: blocks lie inside A and B; cacc holds mc x cacc_ld f32.
                     // B is repacked per ic block only when m > MC.
                     unsafe {
-                        pack_b_block::<M, TB>(kc, nc, bt(pc, jc), t.rsb, t.csb, bp);
-                        pack_a_block::<M, TA>(mc, kc, at(ic, pc), t.rsa, t.csa, ap);
+                        M::pack_b_block::<TB>(kc, nc, bt(pc, jc), t.rsb, t.csb, bp);
+                        M::pack_a_block::<TA>(mc, kc, at(ic, pc), t.rsa, t.csa, ap);
                         let ld = lay.cacc_ld as isize;
                         macro_kernel::<M>(mc, nc, kc, 1.0, ap, bp, beta, cacc, ld, 1);
                     }
@@ -118,7 +118,14 @@ pub(crate) unsafe fn gemm_blocked<M: Micro, TA: Elem, TB: Elem, TC: Elem>(t: &Ta
 /// `a[i * rsa + p * csa]` readable for `i < mc`, `p < kc`; `dst` holds
 /// `mc.next_multiple_of(MR) * kc.next_multiple_of(KU)` P.
 #[inline(always)]
-unsafe fn pack_a_block<M: Micro, T: Elem>(mc: usize, kc: usize, a: *const T, rsa: isize, csa: isize, dst: *mut M::P) {
+pub(crate) unsafe fn pack_a_panels<M: Micro, T: Elem>(
+    mc: usize,
+    kc: usize,
+    a: *const T,
+    rsa: isize,
+    csa: isize,
+    dst: *mut M::P,
+) {
     let panel = kc.next_multiple_of(M::KU) * M::MR;
     for (s, ir) in (0..mc).step_by(M::MR).enumerate() {
         // SAFETY: panel s reads rows ir.. < mc and writes dst[s * panel..][..panel].
@@ -135,7 +142,14 @@ unsafe fn pack_a_block<M: Micro, T: Elem>(mc: usize, kc: usize, a: *const T, rsa
 /// `b[p * rsb + j * csb]` readable for `p < kc`, `j < nc`; `dst` holds
 /// `nc.next_multiple_of(NR) * kc.next_multiple_of(KU)` P.
 #[inline(always)]
-unsafe fn pack_b_block<M: Micro, T: Elem>(kc: usize, nc: usize, b: *const T, rsb: isize, csb: isize, dst: *mut M::P) {
+pub(crate) unsafe fn pack_b_panels<M: Micro, T: Elem>(
+    kc: usize,
+    nc: usize,
+    b: *const T,
+    rsb: isize,
+    csb: isize,
+    dst: *mut M::P,
+) {
     let panel = kc.next_multiple_of(M::KU) * M::NR;
     for (s, jr) in (0..nc).step_by(M::NR).enumerate() {
         // SAFETY: panel s reads columns jr.. < nc and writes dst[s * panel..][..panel].
@@ -168,15 +182,15 @@ unsafe fn macro_kernel<M: Micro>(
     debug_assert!(M::MR * M::NR <= MAX_TILE);
     let kp = kc.div_ceil(M::KU);
     let (a_panel, b_panel) = (kp * M::KU * M::MR, kp * M::KU * M::NR);
-    for (si, ir) in (0..mc).step_by(M::MR).enumerate() {
-        let mr = M::MR.min(mc - ir);
-        // SAFETY: panel si exists in the packed A block.
-        let a = unsafe { ap.add(si * a_panel) };
-        for (sj, jr) in (0..nc).step_by(M::NR).enumerate() {
-            let nr = M::NR.min(nc - jr);
-            // SAFETY: panel sj exists in the packed B block; tile (ir, jr) in C.
+    for (sj, jr) in (0..nc).step_by(M::NR).enumerate() {
+        let nr = M::NR.min(nc - jr);
+        // SAFETY: panel sj exists in the packed B block.
+        let b = unsafe { bp.add(sj * b_panel) };
+        for (si, ir) in (0..mc).step_by(M::MR).enumerate() {
+            let mr = M::MR.min(mc - ir);
+            // SAFETY: panel si exists in the packed A block; tile (ir, jr) in C.
             unsafe {
-                let b = bp.add(sj * b_panel);
+                let a = ap.add(si * a_panel);
                 let ct = c.offset(ir as isize * rsc + jr as isize * csc);
                 if mr == M::MR && nr == M::NR {
                     M::kernel(kp, alpha, a, b, beta, ct, rsc, csc);

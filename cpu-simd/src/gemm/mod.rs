@@ -176,6 +176,32 @@ pub(crate) trait Micro {
     /// # Safety
     /// As [`Micro::pack_a`] with NR.
     unsafe fn pack_b<T: Elem>(kc: usize, valid: usize, b: *const T, rs: isize, ks: isize, dst: *mut Self::P);
+    /// Packs an `mc x kc` block of A (element (i, p) at `a[i * rsa + p * csa]`) into MR-row
+    /// panels; the default packs panel by panel with [`Micro::pack_a`].
+    ///
+    /// # Safety
+    /// As `driver::pack_a_panels`.
+    #[inline(always)]
+    unsafe fn pack_a_block<T: Elem>(mc: usize, kc: usize, a: *const T, rsa: isize, csa: isize, dst: *mut Self::P)
+    where
+        Self: Sized,
+    {
+        // SAFETY: forwarded contract.
+        unsafe { driver::pack_a_panels::<Self, T>(mc, kc, a, rsa, csa, dst) }
+    }
+    /// Packs a `kc x nc` block of B (element (p, j) at `b[p * rsb + j * csb]`) into NR-column
+    /// panels; the default packs panel by panel with [`Micro::pack_b`].
+    ///
+    /// # Safety
+    /// As `driver::pack_b_panels`.
+    #[inline(always)]
+    unsafe fn pack_b_block<T: Elem>(kc: usize, nc: usize, b: *const T, rsb: isize, csb: isize, dst: *mut Self::P)
+    where
+        Self: Sized,
+    {
+        // SAFETY: forwarded contract.
+        unsafe { driver::pack_b_panels::<Self, T>(kc, nc, b, rsb, csb, dst) }
+    }
     /// `C[MR x NR] = alpha * A_panel * B_panel + beta * C` over `kp` packed k steps;
     /// C is not read when beta == 0.
     ///

@@ -81,6 +81,40 @@ pub(crate) unsafe fn pack_f32<T: Elem, const R: usize, const F16C: bool>(
     }
 }
 
+/// Packs a whole f32 block whose rows are contiguous across the panels (`src[p * ks + i]`,
+/// i.e. B row-major or A column-major), `len` rows/columns in panels of `R`:
+/// `dst[s * kc * R + p * R + r] = src[p * ks + s * R + r]`, the last panel zero-padded.
+/// Row by row: each source row is read once, front to back, which the hardware prefetcher
+/// follows; packing panel by panel instead reads `R` elements of every row per panel, a
+/// stride it does not follow (measured: ~7% of the training-step GEMMs went to those copies).
+///
+/// # Safety
+/// `src[p * ks + i]` readable for `p < kc`, `i < len`; `dst` writable for
+/// `len.div_ceil(R) * kc * R` f32.
+#[inline(always)]
+pub(crate) unsafe fn pack_f32_rows<const R: usize>(kc: usize, len: usize, src: *const f32, ks: isize, dst: *mut f32) {
+    let (full, rest) = (len / R, len % R);
+    let panel = kc * R;
+    for p in 0..kc {
+        // SAFETY: row p holds len readable f32 (caller); panel s, row p lies inside dst.
+        unsafe {
+            let row = src.offset(p as isize * ks);
+            for s in 0..full {
+                core::ptr::copy_nonoverlapping(
+                    row.add(s * R) as *const [f32; R],
+                    dst.add(s * panel + p * R) as *mut [f32; R],
+                    1,
+                );
+            }
+            if rest > 0 {
+                let d = dst.add(full * panel + p * R);
+                core::ptr::copy_nonoverlapping(row.add(full * R), d, rest);
+                core::ptr::write_bytes(d.add(rest), 0, R - rest);
+            }
+        }
+    }
+}
+
 /// bf16 bits of one source element: bf16 as is, anything else rounded to nearest even.
 ///
 /// # Safety
