@@ -14,12 +14,15 @@
 //! scaling. The batch is staged in the arena once (as the PyTorch peer keeps it on the GPU); step time is
 //! the mean of 50 steps after 10 warm-up steps, synchronised at both ends.
 //!
-//! `--policy P` and `--mode M` restrict the runs (a profiler run wants one).
+//! `--policy P` and `--mode M` restrict the runs. `--profile` instead times every op of a step alone
+//! (`mantissa::profile::Profiled`: a wait before and after each op, no graph) and prints, per policy,
+//! `profile: policy=... op="..." calls_per_step=... ms_per_step=... share_pct=... tflops=...` rows, largest first.
 
 use std::time::Instant;
 
 use clap::Parser;
 use mantissa::cuda::CudaBackend;
+use mantissa::profile::Profiled;
 use mantissa::rng::Rng;
 use mantissa::{AdamW, MemoryPlan, Model, Optimizer, Policy, Shape, TrainConfig, Trainer};
 
@@ -39,6 +42,12 @@ struct Args {
     /// Only this mode: graph, queued or per-step.
     #[arg(long)]
     mode: Option<String>,
+    /// Time each op of a step instead (see the module documentation).
+    #[arg(long)]
+    profile: bool,
+    /// Run the GELU backward inside the GEMM (cuBLASLt DGELU epilogue; off by default).
+    #[arg(long)]
+    fuse_act_grad: bool,
 }
 
 const MODES: [&str; 3] = ["graph", "queued", "per-step"];
@@ -64,11 +73,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             return Err(format!("unknown --mode {m}: use one of {MODES:?}").into());
         }
     }
+    if args.profile {
+        for policy in policies {
+            profile(&args, policy)?;
+        }
+        return Ok(());
+    }
     for policy in policies {
         for mode in MODES.into_iter().filter(|m| args.mode.as_deref().is_none_or(|a| a == *m)) {
             let (ms, peak) = time_policy(&args, policy, mode)?;
             println!(
-                "train: workload=gpu-mlp backend=cuda policy={policy} mode={mode} step_ms={ms:.3} samples_per_s={:.0} peak_device_bytes={peak}",
+                "train: workload=gpu-mlp backend=cuda policy={policy} mode={mode}{} step_ms={ms:.3} samples_per_s={:.0} peak_device_bytes={peak}",
+                if args.fuse_act_grad { " fuse_act_grad=1" } else { "" },
                 args.batch as f64 / ms * 1e3
             );
         }
@@ -82,7 +98,8 @@ fn time_policy(args: &Args, policy: Policy, mode: &str) -> Result<(f64, usize), 
     let model = Model::sequential(Shape::flat(784)).linear(h).gelu().linear(h).gelu().linear(10).build()?;
     let optimizer: Optimizer = AdamW::new(1e-3).weight_decay(0.01).into();
     let plan = MemoryPlan::new(&model, policy, &optimizer, args.batch)?;
-    let backend = CudaBackend::new(0, plan.total)?;
+    let mut backend = CudaBackend::new(0, plan.total)?;
+    backend.set_fuse_act_grad(args.fuse_act_grad);
     let peak = backend.device_bytes();
     let mut t = Trainer::new(backend, model, policy, optimizer, TrainConfig::new(args.batch, policy))?;
     let mut rng = Rng::new(3);
@@ -109,4 +126,50 @@ fn time_policy(args: &Args, policy: Policy, mode: &str) -> Result<(f64, usize), 
         return Err(format!("{policy} {mode}: training went wrong: {r:?}").into());
     }
     Ok((ms, peak))
+}
+
+/// Per-op times of one policy's step (each op alone between two waits; no graph).
+fn profile(args: &Args, policy: Policy) -> Result<(), Box<dyn std::error::Error>> {
+    let h = args.hidden;
+    let model = Model::sequential(Shape::flat(784)).linear(h).gelu().linear(h).gelu().linear(10).build()?;
+    let optimizer: Optimizer = AdamW::new(1e-3).weight_decay(0.01).into();
+    let plan = MemoryPlan::new(&model, policy, &optimizer, args.batch)?;
+    let mut backend = CudaBackend::new(0, plan.total)?;
+    backend.set_fuse_act_grad(args.fuse_act_grad);
+    let mut t = Trainer::new(Profiled::new(backend), model, policy, optimizer, TrainConfig::new(args.batch, policy))?;
+    t.set_graphs(false);
+    let mut rng = Rng::new(3);
+    let x: Vec<f32> = (0..args.batch * 784).map(|_| rng.next_f32()).collect();
+    let y: Vec<u32> = (0..args.batch).map(|_| rng.below(10) as u32).collect();
+    t.stage(&x, &y)?;
+    for _ in 0..args.warmup {
+        t.queue_staged(args.batch)?;
+    }
+    t.report()?;
+    let sync = t.backend_mut().sync_overhead()?;
+    t.backend_mut().start()?;
+    for _ in 0..args.steps {
+        t.queue_staged(args.batch)?;
+    }
+    t.backend_mut().stop();
+    t.report()?;
+    let rows = t.backend().rows();
+    let total: f64 = rows.iter().map(|r| r.seconds).sum();
+    let n = args.steps as f64;
+    println!(
+        "profile: policy={policy} ops_ms_per_step={:.3} sync_overhead_us={:.1} (each op below includes one)",
+        total * 1e3 / n,
+        sync * 1e6
+    );
+    for r in rows {
+        let tflops = if r.flops > 0 { format!("{:.0}", r.flops as f64 / r.seconds / 1e12) } else { "-".into() };
+        println!(
+            "profile: policy={policy} op=\"{}\" calls_per_step={} ms_per_step={:.4} share_pct={:.1} tflops={tflops}",
+            r.op,
+            r.calls as f64 / n,
+            r.seconds * 1e3 / n,
+            100.0 * r.seconds / total
+        );
+    }
+    Ok(())
 }

@@ -21,3 +21,5 @@ pub mod data;
 pub mod host;
 #[cfg(feature = "std")]
 pub mod io;
+#[cfg(feature = "std")]
+pub mod profile;
