@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu-check.sh build   # here (no CUDA needed): release build of the examples and the cuda tests,
 #                                     # binaries copied (stripped) into .gpu/
+#   bash scripts/gpu-check.sh perf    # on the GPU machine: per-op profiles and the fused-backward choice
 #   bash scripts/gpu-check.sh run     # on the GPU machine, with .gpu/ carried over: nvidia-smi, every cuda test
 #                                     # binary with --include-ignored, mnist on the cuda backend, the step timing.
 #                                     # Logs go to $OUT (or ./gpu-out): nvidia-smi.txt, tests.log, mnist.log,
@@ -139,11 +140,35 @@ run() {
     } | tee "$out/summary.txt"
 }
 
+# Performance only (no tests): per-op profiles of a step and the fused-backward choice, each measured twice.
+perf() {
+    local out="${OUT:-gpu-out}"
+    mkdir -p "$out"
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}
+    : >"$out/perf.log"
+    for pass in 1 2; do
+        for flag in "" --fuse-act-grad; do
+            echo "=== gpu_report --mode graph $flag (pass $pass)" >>"$out/perf.log"
+            # shellcheck disable=SC2086
+            timeout 120 .gpu/gpu_report --mode graph $flag >>"$out/perf.log" 2>&1
+        done
+    done
+    echo "=== pytorch" >>"$out/perf.log"
+    timeout 300 python3 benches/peers/pytorch_gpu.py >>"$out/perf.log" 2>&1
+    for flag in "" --fuse-act-grad; do
+        echo "=== gpu_report --profile $flag" >>"$out/perf.log"
+        # shellcheck disable=SC2086
+        timeout 120 .gpu/gpu_report --profile --steps 20 $flag >>"$out/perf.log" 2>&1
+    done
+    grep -E "^=== |^train:|^profile:|^error" "$out/perf.log" | tee "$out/perf-summary.txt"
+}
+
 case "${1:-}" in
 build) build ;;
 run) run ;;
+perf) perf ;;
 *)
-    echo "usage: $0 build|run" >&2
+    echo "usage: $0 build|run|perf" >&2
     exit 2
     ;;
 esac
