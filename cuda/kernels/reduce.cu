@@ -41,6 +41,43 @@ __device__ void bias_grad_inner_impl(const Y* dy, float* partial, u64 outer, u64
     if (threadIdx.x == 0) partial[(u64)blockIdx.y * cc + blockIdx.x] = acc;
 }
 
+// bias_grad, inner == 1, few channels (<= 64): dy [outer, channels] as one flat array. Block b sums rows
+// [b * rows_per_block, ...) for every channel: thread t < stride (the largest multiple of `channels` that fits
+// the block) reads elements t, t + stride, ... of the chunk, all of channel t % channels, so the loads are
+// coalesced and every thread is busy. Block of 256 threads. partial: [blocks, channels].
+template <typename Y>
+__device__ void bias_grad_few_impl(const Y* dy, float* partial, u64 outer, u64 channels, u64 rows_per_block) {
+    __shared__ float sh[256];
+    const u64 stride = (blockDim.x / channels) * channels;
+    const u64 r0 = (u64)blockIdx.x * rows_per_block;
+    const u64 r1 = min(r0 + rows_per_block, outer);
+    float acc = 0.0f;
+    if (threadIdx.x < stride && r0 < r1) {
+        const u64 e1 = r1 * channels;
+#pragma unroll 4
+        for (u64 e = r0 * channels + threadIdx.x; e < e1; e += stride) acc += ld(dy, e);
+    }
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x < channels) {
+        float s = 0.0f;
+        for (u64 t = threadIdx.x; t < stride; t += channels) s += sh[t];
+        partial[(u64)blockIdx.x * channels + threadIdx.x] = s;
+    }
+}
+
+// dbias[c] = sum over blocks of partial[s, c]: one warp per channel (8 per block of 256), lanes over the blocks,
+// then the warp's tree; a fixed order for a given launch.
+template <typename B>
+__device__ void bias_grad_finish_warp_impl(const float* partial, B* dbias, u64 channels, u64 splits) {
+    const u64 c = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (c >= channels) return;
+    float acc = 0.0f;
+    for (u64 s = threadIdx.x & 31; s < splits; s += 32) acc += partial[s * channels + c];
+    acc = warp_sum(acc);
+    if ((threadIdx.x & 31) == 0) st(dbias, c, acc);
+}
+
 // dbias[c0 + c] = sum over splits of partial[s, c], in split order.
 template <typename B>
 __device__ void bias_grad_finish_impl(const float* partial, B* dbias, u64 c0, u64 cc, u64 splits) {
@@ -95,6 +132,14 @@ __device__ void grad_stats_impl(const G* grad, u64 n, float scale, double* sums,
     extern "C" __global__ void bias_grad_finish_##yn(const float* partial, Y* dbias, u64 c0, u64 cc,         \
                                                      u64 splits) {                                           \
         bias_grad_finish_impl(partial, dbias, c0, cc, splits);                                               \
+    }                                                                                                        \
+    extern "C" __global__ void bias_grad_few_##yn(const Y* dy, float* partial, u64 outer, u64 channels,     \
+                                                  u64 rows_per_block) {                                      \
+        bias_grad_few_impl(dy, partial, outer, channels, rows_per_block);                                    \
+    }                                                                                                        \
+    extern "C" __global__ void bias_grad_finish_warp_##yn(const float* partial, Y* dbias, u64 channels,      \
+                                                          u64 splits) {                                      \
+        bias_grad_finish_warp_impl(partial, dbias, channels, splits);                                        \
     }                                                                                                        \
     extern "C" __global__ void grad_stats_##yn(const Y* grad, u64 n, float scale, double* sums, u64* counts) {\
         grad_stats_impl(grad, n, scale, sums, counts);                                                       \

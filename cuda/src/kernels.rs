@@ -13,7 +13,7 @@ use mantissa_core::{DType, Error, Result};
 const COMMON: &str = include_str!("../kernels/common.cuh");
 
 /// The op families, in [`Family`] order: `(file name, source)`.
-const FAMILIES: [(&str, &str); 8] = [
+const FAMILIES: [(&str, &str); 9] = [
     ("elementwise.cu", include_str!("../kernels/elementwise.cu")),
     ("softmax_xent.cu", include_str!("../kernels/softmax_xent.cu")),
     ("conv.cu", include_str!("../kernels/conv.cu")),
@@ -22,6 +22,7 @@ const FAMILIES: [(&str, &str); 8] = [
     ("optim.cu", include_str!("../kernels/optim.cu")),
     ("gemm.cu", include_str!("../kernels/gemm.cu")),
     ("control.cu", include_str!("../kernels/control.cu")),
+    ("skinny.cu", include_str!("../kernels/skinny.cu")),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -34,6 +35,7 @@ pub(crate) enum Family {
     Optim = 5,
     Gemm = 6,
     Control = 7,
+    Skinny = 8,
 }
 
 /// `#define CTL_<WORD> <index>` for every word of the step-control block, from [`mantissa_core::control`] (the

@@ -60,6 +60,8 @@ const BIG_OFF: usize = 65536;
 const BIG_BYTES: usize = SCRATCH_BYTES - BIG_OFF;
 /// At most this many blocks write per-block partial sums (the sizes of the regions above).
 const MAX_PARTIAL_BLOCKS: usize = 1024;
+/// `bias_grad` with `inner == 1` and at most this many channels reads dy as one flat array (`bias_grad_few`).
+const FEW_CHANNELS: usize = 64;
 
 /// Maps a driver error to [`Error::Device`], naming what failed.
 pub(crate) fn driver(what: &'static str) -> impl Fn(DriverError) -> Error {
@@ -108,6 +110,12 @@ pub struct CudaBackend {
     compute_capability: (i32, i32),
     /// Host staging for downloads that convert (16-bit and i32 to f32).
     host: Vec<u8>,
+    /// Whether GEMMs with m <= 16 run on `kernels/skinny.cu` and `bias_grad` with few channels on its flat
+    /// layout (see `gemm.rs`).
+    skinny: bool,
+    /// Whether the small-n and small-k skinny kernels (and the fused small-k `ActGrad`) run too; off by default:
+    /// slower than cuBLAS on the H200 (numbers on `set_skinny_all`).
+    skinny_all: bool,
     /// Taken when the backend is dropped and released after every other field: no graph capture (on another
     /// thread) runs while this backend's memory, modules and handles are freed (see graph.rs).
     closing: Option<graph::Exclusive>,
@@ -236,6 +244,8 @@ impl CudaBackend {
             device: Box::leak(format!("{name} (sm_{major}{minor})").into_boxed_str()),
             compute_capability,
             host: Vec::new(),
+            skinny: true,
+            skinny_all: false,
             closing: None,
         })
     }
@@ -612,6 +622,25 @@ impl Backend for CudaBackend {
         // up per channel in split order. Enough splits to give every multiprocessor a few blocks.
         let partial = self.scratch + BIG_OFF as u64;
         let room = BIG_BYTES / 4;
+        if inner == 1 && channels <= FEW_CHANNELS && self.skinny {
+            // Few channels (a classifier's [8192, 10]): dy read as one flat array, every thread of a block busy;
+            // about 2048 values per block, then a warp per channel adds the blocks' sums.
+            let per = outer.div_ceil((outer * channels).div_ceil(2048).clamp(1, self.sm_count as usize * 4));
+            let blocks = outer.div_ceil(per);
+            let f = self.kernels.get(Family::Reduce, "bias_grad_few", Some(yt), None)?;
+            let args = [
+                Arg::U64(self.ptr(dy)),
+                Arg::U64(partial),
+                Arg::U64(outer as u64),
+                Arg::U64(channels as u64),
+                Arg::U64(per as u64),
+            ];
+            launch(&self.stream, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
+            let f = self.kernels.get(Family::Reduce, "bias_grad_finish_warp", Some(bt), None)?;
+            let args =
+                [Arg::U64(partial), Arg::U64(self.ptr(dbias)), Arg::U64(channels as u64), Arg::U64(blocks as u64)];
+            return launch(&self.stream, f, (channels.div_ceil(8) as u32, 1, 1), (256, 1, 1), &args);
+        }
         let target_blocks = self.sm_count as usize * 4;
         let mut c0 = 0;
         while c0 < channels {

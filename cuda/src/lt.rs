@@ -9,7 +9,11 @@
 //! | `ActGrad` (GELU), `dbias`        | `CUBLASLT_EPILOGUE_DGELU_BGRAD`        | `pre` aux input; dbias output  |
 //!
 //! `ActGrad` runs composed unless [`CudaBackend::set_fuse_act_grad`] turns it on: on the H200 its epilogue
-//! GEMM is no faster than the GEMM and the element-wise kernels (the numbers are on that method).
+//! GEMM is no faster than the GEMM and the element-wise kernels (the numbers are on that method). With
+//! [`CudaBackend::set_skinny_all`] and `k <= 16` (where `gemm` itself then takes the small-k kernel of
+//! `kernels/skinny.cu`) `ActGrad` runs that kernel with the activation backward fused in, then `bias_grad`:
+//! the same values as composed, bit for bit, in one pass over `pre` and C (not counted in
+//! [`CudaBackend::fused_epilogue_calls`]; off by default: no faster on the H200, numbers on that method).
 //!
 //! cuBLASLt 13.1 takes the bias and the bias gradient only in C's dtype ("unsupported config of bias pointer
 //! type" for an f32 vector with a 16-bit C). A bias in f32 is then composed; a bias gradient in f32 (what the
@@ -270,6 +274,16 @@ fn fusable(g: &Gemm, ep: &Epilogue) -> Option<Call> {
 /// [`mantissa_core::Backend::gemm_fused`] for the CUDA backend.
 pub(crate) fn gemm_fused(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue) -> Result<()> {
     validate(be.capacity, g, ep)?;
+    // A small k (the input gradient of a classifier layer, k = 10 classes) with `set_skinny_all`: one kernel for
+    // the product and the activation backward, then the bias gradient, whatever `set_fuse_act_grad` says.
+    if let Epilogue::ActGrad { act, pre, dbias } = *ep {
+        if crate::gemm::skinny_act_grad(be, g, act, pre)? {
+            return match dbias {
+                Some(db) => mantissa_core::Backend::bias_grad(be, g.c.prefix(g.m * g.n), db, g.m, g.n, 1),
+                None => Ok(()),
+            };
+        }
+    }
     let act_grad = matches!(ep, Epilogue::ActGrad { .. });
     let call = fusable(g, ep).filter(|_| be.lt.act_grad || !act_grad);
     let (Some(handle), Some(call)) = (be.lt.handle, call) else {
