@@ -3,8 +3,9 @@
 //! `#[cfg]`.
 
 use mantissa_core::backend::{
-    Activation, AdamWStep, Backend, Capabilities, ConvGeom, Gemm, GradStats, ParamBufs, PoolGeom, SgdStep,
+    Activation, AdamWStep, Backend, Capabilities, ConvGeom, Epilogue, Gemm, GradStats, ParamBufs, PoolGeom, SgdStep,
 };
+use mantissa_core::control::StepRule;
 use mantissa_core::{Buf, Error, Reference, Result};
 
 /// The backends mantissa knows, compiled in or not.
@@ -86,7 +87,7 @@ pub enum AnyBackend<'a> {
     /// GPU 0 through CUDA. Its arena is one device allocation as long as the host buffer given to
     /// [`AnyBackend::open`]; the host buffer itself is not used (an empty one gives an empty arena).
     #[cfg(feature = "cuda")]
-    Cuda(mantissa_cuda::CudaBackend),
+    Cuda(Box<mantissa_cuda::CudaBackend>),
 }
 
 impl core::fmt::Debug for AnyBackend<'_> {
@@ -109,7 +110,7 @@ impl<'a> AnyBackend<'a> {
             BackendKind::CpuSimd => Err(Error::BackendNotCompiled { backend: kind.name(), feature: kind.feature() }),
             // No driver or GPU here: `Error::DeviceUnavailable`, so callers can fall back to a CPU backend.
             #[cfg(feature = "cuda")]
-            BackendKind::Cuda => Ok(AnyBackend::Cuda(mantissa_cuda::CudaBackend::new(0, buf.len())?)),
+            BackendKind::Cuda => Ok(AnyBackend::Cuda(Box::new(mantissa_cuda::CudaBackend::new(0, buf.len())?))),
             #[cfg(not(feature = "cuda"))]
             BackendKind::Cuda => Err(Error::BackendNotCompiled { backend: kind.name(), feature: kind.feature() }),
         }
@@ -242,5 +243,50 @@ impl Backend for AnyBackend<'_> {
     }
     fn synchronize(&mut self) -> Result<()> {
         dispatch!(self, b => b.synchronize())
+    }
+    // Every provided method is forwarded too: a device backend overrides them, and a default here would
+    // silently run the host version on the device (tests/backends.rs `device_paths` checks the GPU's).
+    fn gemm_fused(&mut self, g: &Gemm, ep: &Epilogue) -> Result<()> {
+        dispatch!(self, b => b.gemm_fused(g, ep))
+    }
+    fn softmax_cross_entropy_scaled(
+        &mut self,
+        logits: Buf,
+        labels: Buf,
+        rows: usize,
+        classes: usize,
+        loss: Buf,
+        dlogits: Buf,
+        grad_scale: f32,
+        ctl: Buf,
+    ) -> Result<()> {
+        dispatch!(self, b => b.softmax_cross_entropy_scaled(logits, labels, rows, classes, loss, dlogits, grad_scale, ctl))
+    }
+    fn count_correct_to(&mut self, logits: Buf, labels: Buf, rows: usize, classes: usize, ctl: Buf) -> Result<()> {
+        dispatch!(self, b => b.count_correct_to(logits, labels, rows, classes, ctl))
+    }
+    fn count_underflow_to(&mut self, src: Buf, dtype: mantissa_core::DType, ctl: Buf) -> Result<()> {
+        dispatch!(self, b => b.count_underflow_to(src, dtype, ctl))
+    }
+    fn step_control(&mut self, ctl: Buf, grad: Buf, loss: Buf, rule: &StepRule) -> Result<()> {
+        dispatch!(self, b => b.step_control(ctl, grad, loss, rule))
+    }
+    fn adamw_step_gated(&mut self, p: &ParamBufs, s: &AdamWStep, ctl: Buf) -> Result<()> {
+        dispatch!(self, b => b.adamw_step_gated(p, s, ctl))
+    }
+    fn sgd_step_gated(&mut self, p: &ParamBufs, s: &SgdStep, ctl: Buf) -> Result<()> {
+        dispatch!(self, b => b.sgd_step_gated(p, s, ctl))
+    }
+    fn record_begin(&mut self) -> Result<bool> {
+        dispatch!(self, b => b.record_begin())
+    }
+    fn record_end(&mut self, keep: bool) -> Result<Option<usize>> {
+        dispatch!(self, b => b.record_end(keep))
+    }
+    fn replay(&mut self, id: usize) -> Result<()> {
+        dispatch!(self, b => b.replay(id))
+    }
+    fn clear_recordings(&mut self) {
+        dispatch!(self, b => b.clear_recordings())
     }
 }

@@ -908,6 +908,63 @@ backend_tests!(cpu_simd => BackendKind::CpuSimd);
 #[cfg(feature = "cuda")]
 backend_tests!(cuda => BackendKind::Cuda, #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]);
 
+/// Through `AnyBackend`, the GPU's own versions of the provided methods run (not the host defaults): a
+/// 16-bit bias + GELU GEMM runs in cuBLASLt, the backend records, and the device control block matches the
+/// host specification after a step decided on the device.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh runs it)"]
+fn device_paths() {
+    use mantissa::control::{self, Control, StepRule};
+    let mut buf = HostBuffer::new(4 << 20).unwrap();
+    let mut be = AnyBackend::open(BackendKind::Cuda, buf.as_mut_slice()).unwrap();
+    let mut arena = Arena::new(be.capacity());
+    let (m, n, k) = (64, 40, 72);
+    let dt = DType::BF16;
+    let (a, b, c, pre, bias) = (
+        arena.alloc(dt, m * k).unwrap(),
+        arena.alloc(dt, n * k).unwrap(),
+        arena.alloc(dt, m * n).unwrap(),
+        arena.alloc(dt, m * n).unwrap(),
+        arena.alloc(dt, n).unwrap(),
+    );
+    for (x, len) in [(a, m * k), (b, n * k), (bias, n)] {
+        be.upload(x, &(0..len).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect::<Vec<_>>()).unwrap();
+    }
+    let fused_calls = |be: &AnyBackend<'_>| match be {
+        AnyBackend::Cuda(g) => g.fused_epilogue_calls(),
+        _ => unreachable!(),
+    };
+    let before = fused_calls(&be);
+    be.gemm_fused(&Gemm::new(m, n, k, a, b, c).b_t(k), &Epilogue::BiasAct { bias, act: Activation::GeluTanh, pre })
+        .unwrap();
+    assert_eq!(fused_calls(&be), before + 1, "gemm_fused did not reach cuBLASLt through AnyBackend");
+    assert!(be.record_begin().unwrap(), "recording did not reach the CUDA backend");
+    assert_eq!(be.record_end(false).unwrap(), None);
+    // One decision on the device with an infinite gradient, against control::decide on the host.
+    let (ctl, grad, loss) = (
+        arena.alloc(DType::I32, control::WORDS).unwrap(),
+        arena.alloc(DType::F32, 5).unwrap(),
+        arena.alloc(DType::F32, 1).unwrap(),
+    );
+    let mut want = Control::new(1024.0, 2);
+    mantissa::backend::write_control(&mut be, ctl, &want).unwrap();
+    be.upload(grad, &[1.0, f32::INFINITY, 2.0, 3.0, 4.0]).unwrap();
+    be.upload(loss, &[0.25]).unwrap();
+    let rule = StepRule {
+        loss_scale: mantissa::LossScale::Dynamic(mantissa::DynamicLossScale::deepspeed()),
+        clip_norm: None,
+        adam_betas: Some((0.9, 0.999)),
+    };
+    be.step_control(ctl, grad, loss, &rule).unwrap();
+    want.set_f32(control::LAST_LOSS, 0.25);
+    control::decide(&mut want, &rule, 1, 0.0);
+    let got = mantissa::backend::read_control(&mut be, ctl).unwrap();
+    assert!(got.f32(control::LAST_NORM).is_nan(), "a non-finite step's norm is NaN");
+    want.words[control::LAST_NORM] = got.words[control::LAST_NORM];
+    assert_eq!(got.words[..], want.words[..], "device decision differs from control::decide");
+}
+
 /// The kernel names `MANTISSA_KERNEL` accepts, slowest first.
 const KERNELS: [&str; 5] = ["scalar", "avx2", "avx512", "avx512bf16", "amx"];
 
