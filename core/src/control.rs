@@ -150,10 +150,7 @@ pub fn decide(c: &mut Control, rule: &StepRule, non_finite: u64, sum_sq: f64) {
     c.words[LAST_NON_FINITE] = non_finite.min(u32::MAX as u64) as u32;
     c.words[LAST_APPLIED] = apply as u32;
     if apply {
-        let clip = match rule.clip_norm {
-            Some(max) if norm > max => max / (norm + 1e-6),
-            _ => 1.0,
-        };
+        let clip = clip_factor(rule.clip_norm, norm);
         c.set_f32(GRAD_MUL, (1.0 / scale) * clip);
         let t = c.u64(UPDATES) + 1;
         c.set_u64(UPDATES, t);
@@ -164,6 +161,15 @@ pub fn decide(c: &mut Control, rule: &StepRule, non_finite: u64, sum_sq: f64) {
         }
     } else {
         c.set_u64(SKIPPED, c.u64(SKIPPED) + 1);
+    }
+}
+
+/// The factor that clips a global gradient norm `norm` to `max_norm` (PyTorch's `clip_grad_norm_`: 1 when
+/// the norm is within it).
+pub fn clip_factor(max_norm: Option<f32>, norm: f32) -> f32 {
+    match max_norm {
+        Some(max) if norm > max => max / (norm + 1e-6),
+        _ => 1.0,
     }
 }
 

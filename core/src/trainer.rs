@@ -420,18 +420,15 @@ impl<B: Backend> Trainer<B> {
         self.backend.step_control(self.ctl, self.params.grad, s.loss, &rule)?;
         self.optimizer.step_gated(&mut self.backend, &self.params, self.ctl)?;
         if self.check_numerics && read_control(&mut self.backend, self.ctl)?.words[control::LAST_APPLIED] != 0 {
-            let n = self.params.master.len;
-            check_finite(
-                &mut self.backend,
-                self.params.master,
-                [n, 1],
-                None,
-                "optimizer",
-                "master weights",
-                Phase::Update,
-            )?;
+            self.check_master()?;
         }
         Ok(())
+    }
+
+    /// Check-numerics after an update: the master weights.
+    fn check_master(&mut self) -> Result<()> {
+        let n = self.params.master.len;
+        check_finite(&mut self.backend, self.params.master, [n, 1], None, "optimizer", "master weights", Phase::Update)
     }
 
     /// The second half of a step, for custom loops (see [`crate::loss_scale::GradScaler`]): unscales the
@@ -462,23 +459,11 @@ impl<B: Backend> Trainer<B> {
         let apply = decide(finite);
         if apply {
             // Clipping by global norm, after unscaling (folded into the optimizer's gradient multiplier).
-            let clip = match self.config.clip_norm {
-                Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
-                _ => 1.0,
-            };
+            let clip = control::clip_factor(self.config.clip_norm, grad_norm);
             self.optimizer.step(&mut self.backend, &self.params, self.updates + 1, inv_scale * clip)?;
             self.updates += 1;
             if self.check_numerics {
-                let n = self.params.master.len;
-                check_finite(
-                    &mut self.backend,
-                    self.params.master,
-                    [n, 1],
-                    None,
-                    "optimizer",
-                    "master weights",
-                    Phase::Update,
-                )?;
+                self.check_master()?;
             }
         } else {
             self.skipped += 1;
