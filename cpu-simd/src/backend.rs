@@ -1,13 +1,15 @@
 //! [`SimdBackend`]: [`mantissa_core::Backend`] over a borrowed arena, with the packed GEMM kernels of this crate
-//! and vectorised element-wise ops ([`crate::ops`]). col2im and max-pooling (and the byte / i32 copies) run the
-//! scalar reference code on the same arena; they are the next to vectorise (about 30% of a CNN step).
+//! and vectorised element-wise ops ([`crate::ops`]). The byte / i32 copies (and a few degenerate geometries or
+//! overlapping buffers, whose element-by-element result the reference defines) run the scalar reference code
+//! on the same arena.
 
 use core::marker::PhantomData;
 
 use half::{bf16, f16};
 use mantissa_core::arena::{Buf, ALIGN};
 use mantissa_core::backend::{
-    Activation, AdamWStep, Backend, Capabilities, ConvGeom, Gemm, GradStats, ParamBufs, PoolGeom, SgdStep,
+    gemm_fused_composed, Activation, AdamWStep, Backend, Capabilities, ConvGeom, Epilogue, Gemm, GradStats, ParamBufs,
+    PoolGeom, SgdStep,
 };
 use mantissa_core::{DType, Error, Reference, Result};
 
@@ -42,7 +44,10 @@ macro_rules! with_float {
 ///
 /// GEMM runs on [`SimdBackend::kernel`] with up to `threads` threads; so do the large element-wise ops (casts,
 /// bias, activations, bias gradients, optimizer updates), split into disjoint ranges that run the same
-/// per-element code, so results are bit-identical for any thread count. The rest runs on the calling thread.
+/// per-element code, the convolution and pooling ops (split by images), and the gradient statistics (fixed
+/// blocks summed in order), so results are bit-identical for any thread count. A fused GEMM
+/// ([`Backend::gemm_fused`]) applies its epilogue on each thread to the block of C it just computed. The rest
+/// runs on the calling thread.
 #[derive(Debug)]
 pub struct SimdBackend<'a> {
     base: *mut u8,
@@ -220,9 +225,161 @@ impl<'a> SimdBackend<'a> {
     }
 }
 
+impl SimdBackend<'_> {
+    /// Whether [`SimdBackend::gemm_fused_parts`] may run `g` with `ep`: one dense problem with alpha 1 and beta
+    /// 0, every handle in the arena and long enough, dtypes as the composed ops require, and nothing that a
+    /// part writes early (C, the pre-activation, the bias gradient) overlapping what another part still reads.
+    /// Anything else goes to the composed ops, which also report the errors.
+    fn fusable(&self, g: &Gemm, ep: &Epilogue) -> bool {
+        let (m, n) = (g.m, g.n);
+        if g.batch != 1 || g.alpha != 1.0 || g.beta != 0.0 || g.ldc != n || m == 0 || n == 0 || g.k == 0 {
+            return false;
+        }
+        let len = m * n;
+        let target = match *ep {
+            Epilogue::BiasAct { pre, .. } => pre,
+            _ => g.c,
+        };
+        let Some((ea, eb, _)) = g.checked_extents() else { return false };
+        let (a, b) = (g.a.prefix(ea.min(g.a.len)), g.b.prefix(eb.min(g.b.len)));
+        let inside = |x: Buf, at_least: usize| x.check_in(self.capacity, "").is_ok() && x.len >= at_least;
+        let apart = |x: Buf, others: &[Buf]| others.iter().all(|o| !x.overlaps(o));
+        let c = g.c.prefix(len.min(g.c.len));
+        if (Gemm { c: target, ..*g }).validate(self.capacity).is_err()
+            || !inside(g.c, len)
+            || !g.c.dtype.is_float()
+            || !apart(c, &[a, b])
+        {
+            return false;
+        }
+        match *ep {
+            Epilogue::Bias { bias } => inside(bias, n) && bias.dtype.is_float() && apart(bias.prefix(n), &[c]),
+            Epilogue::BiasAct { bias, pre, .. } => {
+                let pre = pre.prefix(len.min(pre.len));
+                inside(pre, len)
+                    && pre.dtype == g.c.dtype
+                    && apart(pre, &[c])
+                    && inside(bias, n)
+                    && bias.dtype.is_float()
+                    && apart(bias.prefix(n), &[c, pre])
+            }
+            Epilogue::ActGrad { pre, dbias, .. } => {
+                let pre = pre.prefix(len.min(pre.len));
+                let dbias_ok =
+                    dbias.is_none_or(|d| inside(d, n) && d.dtype.is_float() && apart(d.prefix(n), &[a, b, c, pre]));
+                inside(pre, len) && pre.dtype == g.c.dtype && apart(pre, &[c]) && dbias_ok
+            }
+        }
+    }
+
+    /// The fused GEMM, `fusable` checked: each thread applies the epilogue to its block of C right after
+    /// computing it, with the element-wise ops' own per-element code on each row of the block, so every value
+    /// (and its rounding to C's dtype after the product, the bias and the activation) is what the composed ops
+    /// give. The bias gradient sums each column over all rows in order, as `bias_grad`: within the part when a
+    /// part holds whole columns, else after the join. Returns false (nothing done) when the GEMM would run
+    /// transposed.
+    ///
+    /// # Safety
+    /// `fusable(g, ep)`; `A` and `C` are the element types of A's and C's dtypes, `BI` of the bias (or the bias
+    /// gradient) dtype.
+    unsafe fn gemm_fused_parts<A: Elem, C: Elem, BI: Elem>(&mut self, g: &Gemm, ep: &Epilogue) -> Result<bool> {
+        if crate::gemm::runs_transposed::<A, A>(self.kernel, g.m, g.n) {
+            return Ok(false);
+        }
+        let (m, n, isa) = (g.m, g.n, self.isa);
+        let (rsb, csb) = if g.trans_b { (1, g.ldb) } else { (g.ldb, 1) };
+        let (rsa, csa) = if g.trans_a { (1, g.lda) } else { (g.lda, 1) };
+        let target = match *ep {
+            Epilogue::BiasAct { pre, .. } => pre,
+            _ => g.c,
+        };
+        let task = Task {
+            m,
+            n,
+            k: g.k,
+            alpha: 1.0,
+            a: self.ptr::<A>(g.a) as *const A,
+            rsa: rsa as isize,
+            csa: csa as isize,
+            b: self.ptr::<A>(g.b) as *const A,
+            rsb: rsb as isize,
+            csb: csb as isize,
+            beta: 0.0,
+            c: self.ptr::<C>(target),
+            rsc: n as isize,
+            csc: 1,
+        };
+        let c = Shared(self.ptr::<C>(g.c));
+        let whole_columns_left = core::sync::atomic::AtomicBool::new(false);
+        match *ep {
+            Epilogue::Bias { bias } => {
+                let bias = Shared(self.ptr::<BI>(bias) as *const BI);
+                let after = |p: crate::threads::Part| {
+                    // SAFETY: rows p.i0.., columns p.j0.. of C are this part's block; the bias is disjoint.
+                    unsafe {
+                        let (y, b) = (c.get().add(p.i0 * n + p.j0), bias.get().add(p.j0));
+                        elementwise::bias_act_rows::<C, BI>(isa, None, y, b, y, p.m, p.n, n);
+                    }
+                };
+                // SAFETY: fusable (validated operands, C disjoint from A and B); `after` writes its block only.
+                unsafe { crate::gemm::run_then(self.kernel, self.threads, &task, &after) };
+            }
+            Epilogue::BiasAct { bias, act, pre } => {
+                let bias = Shared(self.ptr::<BI>(bias) as *const BI);
+                let pre = Shared(self.ptr::<C>(pre));
+                let after = |p: crate::threads::Part| {
+                    // SAFETY: rows p.i0.., columns p.j0.. of pre and C are this part's blocks; pre, C and the
+                    // bias are pairwise disjoint.
+                    unsafe {
+                        let at = p.i0 * n + p.j0;
+                        let (x, y, b) = (pre.get().add(at), c.get().add(at), bias.get().add(p.j0));
+                        elementwise::bias_act_rows::<C, BI>(isa, Some(act), x, b, y, p.m, p.n, n);
+                    }
+                };
+                // SAFETY: as above, with pre as the GEMM's C.
+                unsafe { crate::gemm::run_then(self.kernel, self.threads, &task, &after) };
+            }
+            Epilogue::ActGrad { act, pre, dbias } => {
+                let pre = Shared(self.ptr::<C>(pre) as *const C);
+                let db = Shared(dbias.map(|d| self.ptr::<BI>(d)));
+                let after = |p: crate::threads::Part| {
+                    // SAFETY: rows p.i0.., columns p.j0.. of C are this part's block; pre is disjoint.
+                    unsafe {
+                        let at = p.i0 * n + p.j0;
+                        elementwise::act_grad_rows::<C>(isa, act, pre.get().add(at), c.get().add(at), p.m, p.n, n);
+                    }
+                    if let Some(db) = *db.get() {
+                        if p.i0 == 0 && p.m == m {
+                            // SAFETY: the part holds whole columns p.j0..p.j0 + p.n of C (m x n, written
+                            // above); it writes only those entries of dbias, which overlaps nothing read.
+                            unsafe { elementwise::bias_grad::<C, BI>(isa, *c.get(), db, m, n, 1, p.j0, p.j0 + p.n) };
+                        } else {
+                            whole_columns_left.store(true, core::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                };
+                // SAFETY: as above.
+                unsafe { crate::gemm::run_then(self.kernel, self.threads, &task, &after) };
+                if let (Some(d), true) = (dbias, whole_columns_left.into_inner()) {
+                    // Parts split the rows: the sums need every row, so they run now.
+                    self.bias_grad(g.c.prefix(m * n), d, m, n, 1)?;
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
 /// Elements (or parameters) each thread must get before an element-wise op is split: handing a part to a
 /// spinning pool worker and joining it costs ~1-2 us, about what one thread spends on 16k elements of a cast.
 const MIN_ELEMS_PER_PART: usize = 1 << 14;
+
+/// Elements per block of `grad_stats` (each block is summed on its own, then the blocks in order): 128 KiB
+/// of f32, ~10 us on one thread, so splitting the blocks over threads pays.
+const GRAD_STATS_BLOCK: usize = 1 << 15;
+
+/// Most `grad_stats` blocks: longer gradients get longer blocks.
+const GRAD_STATS_BLOCKS: usize = 64;
 
 /// Element-wise ranges are split on multiples of this (the ops' chunk, a multiple of 64 elements), so every
 /// part walks the same chunks as the single-threaded loop.
@@ -362,8 +519,13 @@ impl Backend for SimdBackend<'_> {
             return Err(Error::ShapeMismatch { what: "upload", expected: dst.len, got: src.len() });
         }
         with_float!(dst.dtype, "upload", T => {
-            // SAFETY: dst is checked to hold src.len() elements; src is a distinct Rust slice.
-            unsafe { convert::upload::<T>(self.isa, src, self.ptr::<T>(dst)) };
+            // Split like the casts: a training batch (256 x 784 f32, 0.8 MB) is ~2% of an f32 cpu-mlp step.
+            let (isa, p) = (self.isa, Shared(self.ptr::<T>(dst)));
+            self.split_range(src.len(), ALIGN_ELEMS, MIN_ELEMS_PER_PART, &|lo, hi| {
+                // SAFETY: dst is checked to hold src.len() elements; src is a distinct Rust slice; parts write
+                // disjoint ranges.
+                unsafe { convert::upload::<T>(isa, &src[lo..hi], p.get().add(lo)) };
+            });
         });
         Ok(())
     }
@@ -439,6 +601,27 @@ impl Backend for SimdBackend<'_> {
             unsafe { self.gemm_typed::<A, C>(g) };
         }));
         Ok(())
+    }
+
+    /// Applies the epilogue to each thread's block of C as soon as it is computed (see `gemm_fused_parts`),
+    /// bit-identical to the composed ops; shapes it does not cover run the composed ops.
+    fn gemm_fused(&mut self, g: &Gemm, ep: &Epilogue) -> Result<()> {
+        if self.fusable(g, ep) {
+            let bias_dtype = match *ep {
+                Epilogue::Bias { bias } | Epilogue::BiasAct { bias, .. } => bias.dtype,
+                Epilogue::ActGrad { dbias, .. } => dbias.map_or(DType::F32, |d| d.dtype),
+            };
+            let done = with_float!(g.a.dtype, "gemm A", A => with_float!(g.c.dtype, "gemm C", C => {
+                with_float!(bias_dtype, "gemm_fused bias", BI => {
+                    // SAFETY: `fusable` accepted g and ep; the types follow the dtypes.
+                    unsafe { self.gemm_fused_parts::<A, C, BI>(g, ep)? }
+                })
+            }));
+            if done {
+                return Ok(());
+            }
+        }
+        gemm_fused_composed(self, g, ep)
     }
 
     fn add_bias(&mut self, y: Buf, bias: Buf, outer: usize, channels: usize, inner: usize) -> Result<()> {
@@ -592,30 +775,135 @@ impl Backend for SimdBackend<'_> {
             return Err(Error::InvalidConfig("im2col: cols overlaps x"));
         }
         with_float!(x.dtype, "im2col", X => with_float!(cols.dtype, "im2col", C => {
-            // SAFETY: both checked for the lengths used, disjoint (every read is bounds-checked against H and W).
-            unsafe { conv::im2col::<X, C>(self.isa, self.ptr(x), g, images, self.ptr(cols)) };
+            let (isa, p, g) = (self.isa, Shared((self.ptr::<X>(x) as *const X, self.ptr::<C>(cols))), *g);
+            let il = g.in_len();
+            self.split_range(images, 1, MIN_ELEMS_PER_PART.div_ceil(per.max(1)), &|lo, hi| {
+                let (x, c) = *p.get();
+                // SAFETY: both checked for the lengths used, disjoint (every read is bounds-checked against H and
+                // W); parts take disjoint images.
+                unsafe { conv::im2col::<X, C>(isa, x.add(lo * il), &g, hi - lo, c.add(lo * per)) };
+            });
         }));
         Ok(())
     }
 
     fn col2im(&mut self, cols: Buf, g: &ConvGeom, images: usize, dx: Buf) -> Result<()> {
-        self.reference().col2im(cols, g, images, dx)
+        self.check(cols, "col2im cols")?;
+        self.check(dx, "col2im dx")?;
+        let per = g.col_rows() * g.col_cols();
+        Self::check_len(cols, images * per, "col2im cols")?;
+        Self::check_len(dx, images * g.in_len(), "col2im dx")?;
+        if cols.overlaps(&dx) {
+            return Err(Error::InvalidConfig("col2im: dx overlaps cols"));
+        }
+        if g.stride == 0 {
+            // The reference's loop divides by the stride: let it report this geometry.
+            return self.reference().col2im(cols, g, images, dx);
+        }
+        with_float!(cols.dtype, "col2im", C => with_float!(dx.dtype, "col2im", X => {
+            let (isa, p) = (self.isa, Shared((self.ptr::<C>(cols) as *const C, self.ptr::<X>(dx))));
+            let g = *g;
+            // Whole images per part: each image's pixels sum only its own columns.
+            self.split_range(images, 1, MIN_ELEMS_PER_PART.div_ceil(per.max(1)), &|lo, hi| {
+                let (c, x) = *p.get();
+                // SAFETY: checked for images * per and images * in_len, disjoint; parts take disjoint images.
+                unsafe { conv::col2im::<C, X>(isa, c.add(lo * per), &g, hi - lo, x.add(lo * g.in_len())) };
+            });
+        }));
+        Ok(())
     }
 
     fn maxpool(&mut self, x: Buf, g: &PoolGeom, images: usize, y: Buf, argmax: Buf) -> Result<()> {
-        self.reference().maxpool(x, g, images, y, argmax)
+        self.check(x, "maxpool x")?;
+        self.check(y, "maxpool y")?;
+        self.check(argmax, "maxpool argmax")?;
+        Self::check_len(x, images * g.in_len(), "maxpool x")?;
+        Self::check_len(y, images * g.out_len(), "maxpool y")?;
+        Self::check_len(argmax, images * g.out_len(), "maxpool argmax")?;
+        if argmax.dtype != DType::I32 {
+            return Err(Error::UnsupportedDType { what: "maxpool argmax", dtype: argmax.dtype });
+        }
+        let fits = |out: usize, size: usize| {
+            let last = (out.max(1) - 1).checked_mul(g.stride).and_then(|v| v.checked_add(g.kernel));
+            out == 0 || (g.kernel >= 1 && last.is_some_and(|end| end <= size))
+        };
+        if !fits(g.out_height, g.height) || !fits(g.out_width, g.width) {
+            return Err(Error::InvalidConfig("maxpool: pooling windows reach outside the input"));
+        }
+        let (xn, yn) = (x.prefix(images * g.in_len()), y.prefix(images * g.out_len()));
+        let an = argmax.prefix(images * g.out_len());
+        if xn.overlaps(&yn) || xn.overlaps(&an) || yn.overlaps(&an) {
+            // The reference defines what overlapping buffers give (element by element): let it run them.
+            return self.reference().maxpool(x, g, images, y, argmax);
+        }
+        with_float!(x.dtype, "maxpool", X => with_float!(y.dtype, "maxpool", Y => {
+            let ptrs = (self.ptr::<X>(x) as *const X, self.ptr::<Y>(y), self.ptr::<i32>(argmax));
+            let (isa, p, g) = (self.isa, Shared(ptrs), *g);
+            let (il, ol) = (g.in_len(), g.out_len());
+            self.split_range(images, 1, MIN_ELEMS_PER_PART.div_ceil(il.max(1)), &|lo, hi| {
+                let (x, y, am) = *p.get();
+                // SAFETY: checked lengths, disjoint buffers, windows inside the input; parts take disjoint images.
+                unsafe { conv::maxpool::<X, Y>(isa, x.add(lo * il), &g, hi - lo, y.add(lo * ol), am.add(lo * ol)) };
+            });
+        }));
+        Ok(())
     }
 
     fn maxpool_backward(&mut self, dy: Buf, argmax: Buf, g: &PoolGeom, images: usize, dx: Buf) -> Result<()> {
-        self.reference().maxpool_backward(dy, argmax, g, images, dx)
+        self.check(dy, "maxpool_backward dy")?;
+        self.check(argmax, "maxpool_backward argmax")?;
+        self.check(dx, "maxpool_backward dx")?;
+        Self::check_len(dy, images * g.out_len(), "maxpool_backward dy")?;
+        Self::check_len(argmax, images * g.out_len(), "maxpool_backward argmax")?;
+        Self::check_len(dx, images * g.in_len(), "maxpool_backward dx")?;
+        let (il, ol) = (g.in_len(), g.out_len());
+        let (dyn_, an, dxn) = (dy.prefix(images * ol), argmax.prefix(images * ol), dx.prefix(images * il));
+        if argmax.dtype != DType::I32 || dxn.overlaps(&dyn_) || dxn.overlaps(&an) {
+            return self.reference().maxpool_backward(dy, argmax, g, images, dx);
+        }
+        let am = self.ptr::<i32>(argmax) as *const i32;
+        // SAFETY: argmax is a checked I32 buffer of at least images * ol elements.
+        let recorded = unsafe { core::slice::from_raw_parts(am, images * ol) };
+        if recorded.iter().any(|&i| i < 0 || i as usize >= il) {
+            return Err(Error::InvalidConfig("maxpool_backward: argmax outside the image"));
+        }
+        with_float!(dy.dtype, "maxpool_backward", D => with_float!(dx.dtype, "maxpool_backward", X => {
+            let (isa, p, g) = (self.isa, Shared((self.ptr::<D>(dy) as *const D, am, self.ptr::<X>(dx))), *g);
+            self.split_range(images, 1, MIN_ELEMS_PER_PART.div_ceil(il.max(1)), &|lo, hi| {
+                let (d, a, x) = *p.get();
+                // SAFETY: checked lengths, dx disjoint from dy and argmax, every index in 0..il (checked above);
+                // parts take disjoint images.
+                unsafe {
+                    conv::maxpool_backward::<D, X>(isa, d.add(lo * ol), a.add(lo * ol), &g, hi - lo, x.add(lo * il))
+                };
+            });
+        }));
+        Ok(())
     }
 
     fn grad_stats(&mut self, grad: Buf, scale: f32) -> Result<GradStats> {
         self.check(grad, "grad_stats")?;
-        let (non_finite, sum_sq) = with_float!(grad.dtype, "grad_stats", G => {
-            // SAFETY: checked.
-            unsafe { optim::grad_stats::<G>(self.isa, self.ptr(grad), grad.len, scale) }
+        // Fixed blocks, summed in block order: the same bits for any thread count. The block length depends
+        // only on n (at most GRAD_STATS_BLOCKS blocks), so the partial results fit on the stack.
+        let n = grad.len;
+        let block = GRAD_STATS_BLOCK.max(n.div_ceil(GRAD_STATS_BLOCKS).next_multiple_of(ALIGN_ELEMS));
+        let blocks = n.div_ceil(block).max(1);
+        let mut parts = [(0usize, 0.0f64); GRAD_STATS_BLOCKS];
+        with_float!(grad.dtype, "grad_stats", G => {
+            let (isa, p) = (self.isa, Shared((self.ptr::<G>(grad), parts.as_mut_ptr())));
+            self.split_range(blocks, 1, 1, &|lo, hi| {
+                let (g, out) = *p.get();
+                for b in lo..hi {
+                    let start = b * block;
+                    let len = block.min(n - start.min(n));
+                    // SAFETY: checked for n elements; each part writes its own blocks' slots (b < blocks <=
+                    // GRAD_STATS_BLOCKS).
+                    unsafe { out.add(b).write(optim::grad_stats::<G>(isa, g.add(start), len, scale)) };
+                }
+            });
         });
+        let non_finite = parts[..blocks].iter().map(|p| p.0).sum();
+        let sum_sq = parts[..blocks].iter().fold(0.0, |acc, p| acc + p.1);
         Ok(GradStats { non_finite, sum_sq })
     }
 
@@ -769,6 +1057,174 @@ mod tests {
             let one = run_ops(1, dt);
             for threads in [2, 3] {
                 assert!(one == run_ops(threads, dt), "{dt:?}, {threads} threads");
+            }
+        }
+    }
+
+    /// Runs every epilogue through `gemm_fused` (`composed == false`) or the composed ops, on `threads`
+    /// threads, for shapes split along N (whole columns per part) and along M (the bias gradient after the
+    /// join), for C (and the bias) in `dt`; returns the bits of every output.
+    fn run_fused(threads: usize, dt: DType, composed: bool) -> Vec<u32> {
+        use mantissa_core::backend::{gemm_fused_composed, Epilogue, Gemm};
+        const MAX: usize = 600 * 300;
+        let mut mem = vec![0u8; 4 * 8 * MAX + 4096];
+        let mut b = SimdBackend::new(&mut mem, threads).unwrap();
+        let mut off = 0;
+        let mut alloc = |len: usize, dtype: DType| {
+            let buf = Buf { offset: off, len, dtype };
+            off = buf.end().next_multiple_of(64);
+            buf
+        };
+        let data = |len: usize, seed: u32| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 20) as f32 / 2048.0 - 1.0)
+                .collect()
+        };
+        let (a, w, c, pre) = (alloc(MAX, dt), alloc(MAX, dt), alloc(MAX, dt), alloc(MAX, dt));
+        let (bias, dbias) = (alloc(600, dt), alloc(600, DType::F32));
+        b.upload(a, &data(MAX, 1)).unwrap();
+        b.upload(w, &data(MAX, 2)).unwrap();
+        b.upload(bias, &data(600, 3)).unwrap();
+        let mut out = Vec::new();
+        let mut read = |b: &mut SimdBackend<'_>, buf: Buf| {
+            let mut v = vec![0.0f32; buf.len];
+            b.download(buf, &mut v).unwrap();
+            out.extend(v.iter().map(|x| x.to_bits()));
+        };
+        // (m, n, k): split along N, along M (m > n), one part, a k over two cache blocks.
+        for (m, n, k) in [(256, 512, 60), (300, 130, 45), (9, 40, 7), (70, 96, 600)] {
+            let (c, pre) = (c.prefix(m * n), pre.prefix(m * n));
+            let g = Gemm::new(m, n, k, a, w, c).b_t(k);
+            let eps = [
+                Epilogue::Bias { bias: bias.prefix(n) },
+                Epilogue::BiasAct { bias: bias.prefix(n), act: Activation::GeluTanh, pre },
+                Epilogue::BiasAct { bias: bias.prefix(n), act: Activation::Relu, pre },
+                Epilogue::ActGrad { act: Activation::GeluTanh, pre, dbias: Some(dbias.prefix(n)) },
+                Epilogue::ActGrad { act: Activation::Relu, pre, dbias: None },
+            ];
+            for ep in eps {
+                if composed {
+                    gemm_fused_composed(&mut b, &g, &ep).unwrap();
+                } else {
+                    b.gemm_fused(&g, &ep).unwrap();
+                }
+                for buf in [c, pre, dbias.prefix(n)] {
+                    read(&mut b, buf);
+                }
+            }
+        }
+        out
+    }
+
+    /// `gemm_fused` (epilogue in each thread's block) gives the composed ops' bits, for any thread count.
+    #[test]
+    fn fused_epilogues_match_the_composed_ops() {
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let want = run_fused(1, dt, true);
+            for threads in [1, 2, 3] {
+                assert!(want == run_fused(threads, dt, false), "{dt:?}, {threads} threads");
+            }
+        }
+    }
+
+    /// im2col, col2im, max-pooling and its backward on `threads` threads (or the reference) over enough images
+    /// to split, for stride 1 and 2, padding, and rows longer than one chunk; returns the bits of every output.
+    fn run_conv(threads: Option<usize>, dt: DType) -> Vec<u32> {
+        use mantissa_core::backend::{ConvGeom, PoolGeom};
+        use mantissa_core::Reference;
+        let mut mem = vec![0u8; 24 << 20];
+        let mut simd;
+        let mut reference;
+        let b: &mut dyn Backend = match threads {
+            Some(t) => {
+                simd = SimdBackend::new(&mut mem, t).unwrap();
+                &mut simd
+            }
+            None => {
+                reference = Reference::new(&mut mem);
+                &mut reference
+            }
+        };
+        let mut off = 0;
+        let mut alloc = |len: usize, dtype: DType| {
+            let buf = Buf { offset: off, len, dtype };
+            off = buf.end().next_multiple_of(64);
+            buf
+        };
+        let data = |len: usize, seed: u32| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 20) as f32 / 1024.0 - 2.0)
+                .collect()
+        };
+        let mut out = Vec::new();
+        let mut read = |b: &mut dyn Backend, buf: Buf| {
+            let mut v = vec![0u8; buf.bytes()];
+            b.download_bytes(buf, &mut v).unwrap();
+            out.extend(v.iter().map(|&x| u32::from(x)));
+        };
+        let (x, cols, dx) = (alloc(600_000, dt), alloc(2_000_000, dt), alloc(600_000, dt));
+        for (c, h, w, k, stride, pad, images) in
+            [(3, 28, 28, 5, 1, 2, 9), (2, 9, 300, 3, 1, 1, 8), (2, 13, 11, 3, 2, 1, 30), (4, 8, 8, 5, 2, 2, 20)]
+        {
+            let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
+            let g = ConvGeom {
+                channels: c,
+                height: h,
+                width: w,
+                kernel: k,
+                stride,
+                padding: pad,
+                out_height: oh,
+                out_width: ow,
+            };
+            let (xn, cn) = (images * g.in_len(), images * g.col_rows() * g.col_cols());
+            b.upload(x.prefix(xn), &data(xn, 1)).unwrap();
+            // Signalling NaNs (and a negative one) go through im2col quieted, as through the reference's f32.
+            let snan: &[u8] = match dt {
+                DType::F32 => &[1, 0, 0x80, 0x7f, 1, 0, 0x80, 0xff],
+                DType::BF16 => &[0x81, 0x7f, 0x81, 0xff],
+                _ => &[0x01, 0x7c, 0x01, 0xfc],
+            };
+            b.upload_bytes(x.slice(g.width + 1, 2), snan).unwrap();
+            b.im2col(x.prefix(xn), &g, images, cols.prefix(cn)).unwrap();
+            read(b, cols.prefix(cn));
+            b.upload(cols.prefix(cn), &data(cn, 2)).unwrap();
+            b.col2im(cols.prefix(cn), &g, images, dx.prefix(xn)).unwrap();
+            read(b, dx.prefix(xn));
+        }
+        let am = alloc(200_000, DType::I32);
+        // The last two: rows over several blocks of outputs, and a window wider than a chunk (the scalar loop).
+        let pools = [
+            (8, 28, 28, 2, 2, 12),
+            (3, 7, 9, 2, 2, 40),
+            (2, 9, 9, 3, 2, 30),
+            (1, 4, 600, 3, 2, 5),
+            (1, 257, 258, 257, 1, 2),
+        ];
+        for (c, h, w, k, stride, images) in pools {
+            let (oh, ow) = ((h - k) / stride + 1, (w - k) / stride + 1);
+            let p = PoolGeom { channels: c, height: h, width: w, kernel: k, stride, out_height: oh, out_width: ow };
+            let (xn, yn) = (images * p.in_len(), images * p.out_len());
+            // Few distinct values: ties (the first wins) and repeated argmax positions (overlapping windows).
+            let v: Vec<f32> = data(xn, 3).iter().map(|v| (v * 2.0).round()).collect();
+            b.upload(x.prefix(xn), &v).unwrap();
+            b.maxpool(x.prefix(xn), &p, images, cols.prefix(yn), am.prefix(yn)).unwrap();
+            read(b, cols.prefix(yn));
+            read(b, am.prefix(yn));
+            b.upload(cols.prefix(yn), &data(yn, 4)).unwrap();
+            b.maxpool_backward(cols.prefix(yn), am.prefix(yn), &p, images, dx.prefix(xn)).unwrap();
+            read(b, dx.prefix(xn));
+        }
+        out
+    }
+
+    /// The convolution and pooling ops give the reference's bits, split over any number of threads.
+    #[test]
+    fn conv_and_pool_ops_match_the_reference() {
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let want = run_conv(None, dt);
+            for threads in [1, 2, 3] {
+                assert!(want == run_conv(Some(threads), dt), "{dt:?}, {threads} threads");
             }
         }
     }

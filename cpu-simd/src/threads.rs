@@ -266,14 +266,45 @@ impl<T> Shared<T> {
 /// `t` valid as for `gemm_f32`, with m, n, k > 0.
 pub(crate) unsafe fn run_parallel<TA: Elem, TB: Elem, TC: Elem>(kernel: Kernel, threads: usize, t: &Task<TA, TB, TC>) {
     // SAFETY: forwarded.
-    unsafe { split_run(kernel, threads, t, min_macs_per_part::<TA, TB>(kernel)) }
+    unsafe { split_run(kernel, threads, t, min_macs_per_part::<TA, TB>(kernel), &|_| {}) }
 }
 
-/// [`run_parallel`] with the work threshold as an argument (tests split tiny GEMMs with it).
+/// The block of C that one part of a split GEMM wrote: rows `i0..i0 + m`, columns `j0..j0 + n`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Part {
+    pub i0: usize,
+    pub m: usize,
+    pub j0: usize,
+    pub n: usize,
+}
+
+/// [`run_parallel`], then `after(part)` on the thread that computed each part, while its block of C is still
+/// in that core's cache (a fused epilogue). `after` must touch only its part's block of C (and memory no
+/// other part writes).
 ///
 /// # Safety
 /// As [`run_parallel`].
-unsafe fn split_run<TA: Elem, TB: Elem, TC: Elem>(kernel: Kernel, threads: usize, t: &Task<TA, TB, TC>, min: usize) {
+pub(crate) unsafe fn run_parallel_then<TA: Elem, TB: Elem, TC: Elem>(
+    kernel: Kernel,
+    threads: usize,
+    t: &Task<TA, TB, TC>,
+    after: &(dyn Fn(Part) + Sync),
+) {
+    // SAFETY: forwarded.
+    unsafe { split_run(kernel, threads, t, min_macs_per_part::<TA, TB>(kernel), after) }
+}
+
+/// [`run_parallel_then`] with the work threshold as an argument (tests split tiny GEMMs with it).
+///
+/// # Safety
+/// As [`run_parallel`].
+unsafe fn split_run<TA: Elem, TB: Elem, TC: Elem>(
+    kernel: Kernel,
+    threads: usize,
+    t: &Task<TA, TB, TC>,
+    min: usize,
+    after: &(dyn Fn(Part) + Sync),
+) {
     let tile = kernel_tile::<TA, TB>(kernel);
     let (split_n, chunk, parts) = plan(threads, t.m, t.n, t.k, tile, min);
     let (cm, cn) = if split_n { (t.m, chunk.min(t.n)) } else { (chunk.min(t.m), t.n) };
@@ -283,16 +314,16 @@ unsafe fn split_run<TA: Elem, TB: Elem, TC: Elem>(kernel: Kernel, threads: usize
     let part = |i: usize| {
         let t = shared.get();
         let lo = i * chunk;
-        // SAFETY: lo < dim; chunks tile C without overlap.
-        let sub = unsafe {
-            if split_n {
-                t.sub(0, t.m, lo, chunk.min(t.n - lo))
-            } else {
-                t.sub(lo, chunk.min(t.m - lo), 0, t.n)
-            }
+        let part = if split_n {
+            Part { i0: 0, m: t.m, j0: lo, n: chunk.min(t.n - lo) }
+        } else {
+            Part { i0: lo, m: chunk.min(t.m - lo), j0: 0, n: t.n }
         };
+        // SAFETY: lo < dim; chunks tile C without overlap.
+        let sub = unsafe { t.sub(part.i0, part.m, part.j0, part.n) };
         // SAFETY: t valid (caller), parts disjoint in C; the scratch holds `len - 64` aligned bytes.
         with_scratch(len, |s| unsafe { run_one(kernel, &sub, s) });
+        after(part);
     };
     if parts == 1 {
         part(0);
@@ -356,7 +387,7 @@ mod tests {
                 csc: 1,
             };
             // SAFETY: the buffers match the shapes and strides; the kernel is available.
-            unsafe { split_run(kernel, threads, &t, 1) };
+            unsafe { split_run(kernel, threads, &t, 1, &|_| {}) };
             out.extend(c);
         }
         out

@@ -210,7 +210,7 @@ fn f32_all_kernels() {
 
 /// Sizes past every cache block of the f32 kernels (AVX-512: KC 256, MC 224, NC 1024), so that
 /// the packers' block paths run with partial last blocks: m = 230 (MC + 6 rows), n = 1060 (NC +
-/// a panel and a bit), k = 530 (two KC blocks and 18, not a multiple of the 16-k transpose), in
+/// a panel and a bit), k = 530 (two k blocks of 265, not a multiple of the 16-k transpose), in
 /// all four layouts (row-major A and column-major B pack through the in-register transpose,
 /// the other two row by row).
 #[test]
@@ -223,6 +223,32 @@ fn f32_all_kernels_across_cache_blocks() {
         &|kn, th, m, n, k, al, a, rsa, csa, b, rsb, csb, be, c, rsc, csc| unsafe {
             // SAFETY: check_sizes passes views that lie inside its buffers, C separate.
             gemm_f32(kn, th, m, n, k, al, a, rsa, csa, b, rsb, csb, be, c, rsc, csc)
+        },
+    );
+}
+
+/// Few columns and many rows: the threaded entry runs these transposed (`C^T = B^T A^T`) where the
+/// register tile's rows fit n better than its columns (AVX-512 f32: n = 10 uses 10 of 14 rows against 10
+/// of 32 columns), in all four layouts, with edge tiles and both alpha/beta pairs.
+#[test]
+fn small_n_all_kernels() {
+    let sizes = [(300, 10, 70), (64, 5, 33), (97, 14, 300)];
+    check_sizes::<f32, f32>(
+        &sizes,
+        "f32 small n",
+        None,
+        &|kn, th, m, n, k, al, a, rsa, csa, b, rsb, csb, be, c, rsc, csc| unsafe {
+            // SAFETY: check_sizes passes views that lie inside its buffers, C separate.
+            gemm_f32(kn, th, m, n, k, al, a, rsa, csa, b, rsb, csb, be, c, rsc, csc)
+        },
+    );
+    check_sizes::<bf16, bf16>(
+        &sizes,
+        "bf16 small n",
+        Some(7),
+        &|kn, th, m, n, k, al, a, rsa, csa, b, rsb, csb, be, c, rsc, csc| unsafe {
+            // SAFETY: as above.
+            gemm_bf16(kn, th, m, n, k, al, a, rsa, csa, b, rsb, csb, be, COut::BF16(c), rsc, csc)
         },
     );
 }

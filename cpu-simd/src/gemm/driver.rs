@@ -1,8 +1,8 @@
 //! The cache-blocked GEMM loop nest (BLIS / Goto order), generic over a [`Micro`]
 //! kernel and inlined into each kernel's `#[target_feature]` entry point.
 //!
-//! Loops, outer to inner: `jc` over N by NC, `pc` over K by KC (pack a KC x NC
-//! block of B, sized for L2/L3), `ic` over M by MC (pack an MC x KC block of A,
+//! Loops, outer to inner: `jc` over N by NC, `pc` over K in equal blocks of about KC
+//! ([`k_block`]; pack a kc x NC block of B, sized for L2/L3), `ic` over M by MC (pack an MC x KC block of A,
 //! sized for L2), `jr` over NC by NR (one B micro-panel, kept in L1), `ir` over MC
 //! by MR (the micro-kernel). For 16-bit C the `ic` loop moves outside `pc` so the
 //! MC x NC block accumulates in an f32 buffer and is rounded to C once.
@@ -27,7 +27,7 @@ const fn align64(x: usize) -> usize {
 
 impl ScratchLayout {
     pub(crate) fn new<M: Micro>(m: usize, n: usize, k: usize, cacc: bool) -> ScratchLayout {
-        let kc = M::KC.min(k.next_multiple_of(M::KU));
+        let kc = k_block::<M>(k);
         let mc = M::MC.min(m.next_multiple_of(M::MR));
         let nc = M::NC.min(n.next_multiple_of(M::NR));
         let p = core::mem::size_of::<M::P>();
@@ -37,6 +37,16 @@ impl ScratchLayout {
         let c_bytes = if cacc { align64(mc * cacc_ld * 4) } else { 0 };
         ScratchLayout { a: 0, b: a_bytes, cacc: a_bytes + b_bytes, cacc_ld, total: 64 + a_bytes + b_bytes + c_bytes }
     }
+}
+
+/// The k block for a GEMM of depth `k`: `k` in equal blocks (rounded up to `KU`) of at most `KC + KC / 16`,
+/// so 784 runs as 3 x 262 rather than 256, 256, 256, 16. Every block costs one load and store of the C tile,
+/// and a thin one does little work for it; the 1/16 slack keeps a B micro-panel in L1 (f32: 272 x 32 x 4 B =
+/// 34 KiB of 48 KiB) and lets depths just over KC run as one block.
+#[inline(always)]
+pub(crate) fn k_block<M: Micro>(k: usize) -> usize {
+    let blocks = k.div_ceil(M::KC + M::KC / 16).max(1);
+    k.div_ceil(blocks).next_multiple_of(M::KU)
 }
 
 /// Largest MR x NR of any micro-kernel (AMX: 32 x 32), for the edge-tile buffer.
@@ -54,6 +64,7 @@ pub(crate) unsafe fn gemm_blocked<M: Micro, TA: Elem, TB: Elem, TC: Elem>(t: &Ta
     let Task { m, n, k, .. } = *t;
     let direct = matches!(TC::KIND, ElemKind::F32);
     let lay = ScratchLayout::new::<M>(m, n, k, !direct);
+    let kb = k_block::<M>(k);
     // SAFETY: the regions lie inside scratch (caller) and are 64-byte aligned.
     let (ap, bp, cacc) = unsafe {
         (scratch.add(lay.a) as *mut M::P, scratch.add(lay.b) as *mut M::P, scratch.add(lay.cacc) as *mut f32)
@@ -64,8 +75,8 @@ pub(crate) unsafe fn gemm_blocked<M: Micro, TA: Elem, TB: Elem, TC: Elem>(t: &Ta
         let nc = M::NC.min(n - jc);
         if direct {
             let c = t.c as *mut f32;
-            for pc in (0..k).step_by(M::KC) {
-                let kc = M::KC.min(k - pc);
+            for pc in (0..k).step_by(kb) {
+                let kc = kb.min(k - pc);
                 let beta = if pc == 0 { t.beta } else { 1.0 };
                 // SAFETY: the block lies inside B; bp holds nc x kc (rounded) P.
                 unsafe { M::pack_b_block::<TB>(kc, nc, bt(pc, jc), t.rsb, t.csb, bp) };
@@ -82,8 +93,8 @@ pub(crate) unsafe fn gemm_blocked<M: Micro, TA: Elem, TB: Elem, TC: Elem>(t: &Ta
         } else {
             for ic in (0..m).step_by(M::MC) {
                 let mc = M::MC.min(m - ic);
-                for pc in (0..k).step_by(M::KC) {
-                    let kc = M::KC.min(k - pc);
+                for pc in (0..k).step_by(kb) {
+                    let kc = kb.min(k - pc);
                     let beta = if pc == 0 { 0.0 } else { 1.0 };
                     // SAFETY: blocks lie inside A and B; cacc holds mc x cacc_ld f32.
                     // B is repacked per ic block only when m > MC.

@@ -7,7 +7,7 @@ use mantissa_core::backend::Activation;
 
 use super::convert::{load, store, to_bits};
 use super::{multiversion, CH};
-use crate::gemm::Elem;
+use crate::gemm::{Elem, ElemKind};
 
 /// sqrt(2 / pi), as the reference.
 const GELU_S: f32 = 0.797_884_6;
@@ -183,8 +183,17 @@ unsafe fn bias_grad_body<Y: Elem, B: Elem, const V: u8>(
             acc[..len].fill(0.0);
             for o in 0..outer {
                 // SAFETY: o * channels + c0 + len <= outer * channels.
-                unsafe { load::<Y, V>(dy.add(o * channels + c0), &mut yb[..len]) };
-                for (a, v) in acc[..len].iter_mut().zip(&yb[..len]) {
+                let row = unsafe { dy.add(o * channels + c0) };
+                let ys: &[f32] = if matches!(Y::KIND, ElemKind::F32) {
+                    // f32 rows are summed in place (no copy through the chunk buffer).
+                    // SAFETY: Y is f32; len elements readable (above).
+                    unsafe { core::slice::from_raw_parts(row as *const f32, len) }
+                } else {
+                    // SAFETY: as above.
+                    unsafe { load::<Y, V>(row, &mut yb[..len]) };
+                    &yb[..len]
+                };
+                for (a, v) in acc[..len].iter_mut().zip(ys) {
                     *a += *v;
                 }
             }
@@ -273,6 +282,105 @@ unsafe fn activation_backward_body<X: Elem, D: Elem, const V: u8>(
     }
 }
 
+/// A fused linear layer's epilogue on `rows` rows of `n` elements (row stride `ld`): `pre += bias`, then, with
+/// an activation, `y = act(pre)`. Each element gets exactly what `add_bias` and then `activation` give it
+/// (f32 in place, with no copy through chunk buffers; other dtypes through those ops' bodies, row by row).
+///
+/// # Safety
+/// `pre` (and `y` with an activation) readable and writable for `rows` rows of `n` at stride `ld`, `bias`
+/// readable for `n`; the three do not overlap; the CPU has the features of `V`.
+#[inline(always)]
+unsafe fn bias_act_rows_body<C: Elem, B: Elem, const V: u8>(
+    act: Option<Activation>,
+    pre: *mut C,
+    bias: *const B,
+    y: *mut C,
+    rows: usize,
+    n: usize,
+    ld: usize,
+) {
+    for r in 0..rows {
+        // SAFETY: row r of each lies in the caller's ranges.
+        let (p, yr) = unsafe { (pre.add(r * ld), y.wrapping_add(r * ld)) };
+        if matches!(C::KIND, ElemKind::F32) && matches!(B::KIND, ElemKind::F32) {
+            // SAFETY: C and B are f32; disjoint ranges of n elements (caller).
+            let (p, b) = unsafe {
+                (core::slice::from_raw_parts_mut(p as *mut f32, n), core::slice::from_raw_parts(bias as *const f32, n))
+            };
+            match act {
+                None => p.iter_mut().zip(b).for_each(|(v, b)| *v += *b),
+                Some(act) => {
+                    // SAFETY: as above, y's row is disjoint from pre's and the bias.
+                    let yr = unsafe { core::slice::from_raw_parts_mut(yr as *mut f32, n) };
+                    for ((v, b), o) in p.iter_mut().zip(b).zip(yr.iter_mut()) {
+                        let x = *v + *b;
+                        *v = x;
+                        *o = match act {
+                            Activation::Relu => relu(x),
+                            Activation::GeluTanh => gelu(x),
+                        };
+                    }
+                }
+            }
+            continue;
+        }
+        // SAFETY: forwarded (one row).
+        unsafe {
+            add_bias_body::<C, B, V>(p, bias, 1, n, 1);
+            if let Some(act) = act {
+                activation_body::<C, C, V>(act, p, yr, n);
+            }
+        }
+    }
+}
+
+/// The input-gradient epilogue on `rows` rows of `n` elements (row stride `ld`): `d *= act'(x)` in place,
+/// exactly as `activation_backward` with `dx == dy` (f32 with no copy through chunk buffers).
+///
+/// # Safety
+/// `x` readable and `d` readable and writable for `rows` rows of `n` at stride `ld`, not overlapping; the CPU
+/// has the features of `V`.
+#[inline(always)]
+unsafe fn act_grad_rows_body<C: Elem, const V: u8>(
+    act: Activation,
+    x: *const C,
+    d: *mut C,
+    rows: usize,
+    n: usize,
+    ld: usize,
+) {
+    for r in 0..rows {
+        // SAFETY: row r of each lies in the caller's ranges.
+        let (xr, dr) = unsafe { (x.add(r * ld), d.add(r * ld)) };
+        if matches!(C::KIND, ElemKind::F32) {
+            // SAFETY: C is f32; disjoint ranges of n elements (caller).
+            let (xs, ds) = unsafe {
+                (core::slice::from_raw_parts(xr as *const f32, n), core::slice::from_raw_parts_mut(dr as *mut f32, n))
+            };
+            match act {
+                Activation::Relu => ds.iter_mut().zip(xs).for_each(|(d, x)| *d *= if *x > 0.0 { 1.0 } else { 0.0 }),
+                Activation::GeluTanh => ds.iter_mut().zip(xs).for_each(|(d, x)| *d *= gelu_derivative(*x)),
+            }
+            continue;
+        }
+        // SAFETY: forwarded (one row).
+        unsafe { activation_backward_body::<C, C, V>(act, xr, dr, dr, n) };
+    }
+}
+
+multiversion!(
+    /// # Safety
+    /// As `bias_act_rows_body`.
+    unsafe fn bias_act_rows<C: Elem, B: Elem>(
+        act: Option<Activation>, pre: *mut C, bias: *const B, y: *mut C, rows: usize, n: usize, ld: usize,
+    ) => bias_act_rows_body
+);
+multiversion!(
+    /// # Safety
+    /// As `act_grad_rows_body`.
+    unsafe fn act_grad_rows<C: Elem>(act: Activation, x: *const C, d: *mut C, rows: usize, n: usize, ld: usize)
+        => act_grad_rows_body
+);
 multiversion!(
     /// # Safety
     /// As `fill_body`.

@@ -1,5 +1,5 @@
 //! The non-GEMM operations of a training step, one file per op family: [`convert`] (loads, stores, casts),
-//! [`conv`] (im2col),
+//! [`conv`] (im2col, col2im, max-pooling),
 //! [`elementwise`] (fill, bias, activations), [`softmax`] (the loss head), [`optim`] (gradient statistics and
 //! the fused optimizer updates).
 //!

@@ -9,7 +9,7 @@ use mantissa_core::backend::{AdamWStep, SgdStep};
 
 use super::convert::{load, store};
 use super::{multiversion, CH};
-use crate::gemm::Elem;
+use crate::gemm::{Elem, ElemKind};
 
 /// `(non-finite count, sum of (g * scale)^2 over the finite ones)`, squares accumulated in f64 in 8
 /// interleaved partial sums (the reference sums in order: equal up to f64 rounding).
@@ -22,6 +22,14 @@ unsafe fn grad_stats_body<G: Elem, const V: u8>(g: *const G, n: usize, scale: f3
     let mut sq = [0.0f64; 8];
     let mut bad = [0u32; 8];
     let mut i = 0;
+    if matches!(G::KIND, ElemKind::F32) {
+        // f32 gradients are read in place (no copy into the chunk buffer) up to the last multiple of 16.
+        let whole = n / 16 * 16;
+        // SAFETY: G is f32 and `whole <= n` elements are readable (caller).
+        let x = unsafe { core::slice::from_raw_parts(g as *const f32, whole) };
+        // SAFETY: the CPU has the features of `V` (caller).
+        i = unsafe { squares_simd::<V>(x, scale, &mut sq, &mut bad) };
+    }
     while i < n {
         let len = CH.min(n - i);
         // SAFETY: i + len <= n.
