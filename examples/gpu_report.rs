@@ -24,7 +24,7 @@ use clap::Parser;
 use mantissa::cuda::CudaBackend;
 use mantissa::profile::Profiled;
 use mantissa::rng::Rng;
-use mantissa::{AdamW, MemoryPlan, Model, Optimizer, Policy, Shape, TrainConfig, Trainer};
+use mantissa::{AdamW, Backend, MemoryPlan, Model, Optimizer, Policy, Shape, TrainConfig, Trainer};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -92,21 +92,31 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Mean step time in ms and the device bytes held, for one policy.
-fn time_policy(args: &Args, policy: Policy, mode: &str) -> Result<(f64, usize), Box<dyn std::error::Error>> {
+/// A gpu-mlp trainer under `policy` on GPU 0, with its backend wrapped by `wrap`, and one batch staged.
+fn staged_trainer<B: Backend>(
+    args: &Args,
+    policy: Policy,
+    wrap: impl FnOnce(CudaBackend) -> B,
+) -> Result<Trainer<B>, Box<dyn std::error::Error>> {
     let h = args.hidden;
     let model = Model::sequential(Shape::flat(784)).linear(h).gelu().linear(h).gelu().linear(10).build()?;
     let optimizer: Optimizer = AdamW::new(1e-3).weight_decay(0.01).into();
     let plan = MemoryPlan::new(&model, policy, &optimizer, args.batch)?;
     let mut backend = CudaBackend::new(0, plan.total)?;
     backend.set_fuse_act_grad(args.fuse_act_grad);
-    let peak = backend.device_bytes();
-    let mut t = Trainer::new(backend, model, policy, optimizer, TrainConfig::new(args.batch, policy))?;
+    let mut t = Trainer::new(wrap(backend), model, policy, optimizer, TrainConfig::new(args.batch, policy))?;
     let mut rng = Rng::new(3);
     let x: Vec<f32> = (0..args.batch * 784).map(|_| rng.next_f32()).collect();
     let y: Vec<u32> = (0..args.batch).map(|_| rng.below(10) as u32).collect();
-    t.set_graphs(mode == "graph");
     t.stage(&x, &y)?;
+    Ok(t)
+}
+
+/// Mean step time in ms and the device bytes held, for one policy.
+fn time_policy(args: &Args, policy: Policy, mode: &str) -> Result<(f64, usize), Box<dyn std::error::Error>> {
+    let mut t = staged_trainer(args, policy, |b| b)?;
+    let peak = t.backend().device_bytes();
+    t.set_graphs(mode == "graph");
     let steps = |t: &mut Trainer<CudaBackend>, n: usize| -> mantissa::Result<()> {
         for _ in 0..n {
             if mode == "per-step" {
@@ -130,18 +140,8 @@ fn time_policy(args: &Args, policy: Policy, mode: &str) -> Result<(f64, usize), 
 
 /// Per-op times of one policy's step (each op alone between two waits; no graph).
 fn profile(args: &Args, policy: Policy) -> Result<(), Box<dyn std::error::Error>> {
-    let h = args.hidden;
-    let model = Model::sequential(Shape::flat(784)).linear(h).gelu().linear(h).gelu().linear(10).build()?;
-    let optimizer: Optimizer = AdamW::new(1e-3).weight_decay(0.01).into();
-    let plan = MemoryPlan::new(&model, policy, &optimizer, args.batch)?;
-    let mut backend = CudaBackend::new(0, plan.total)?;
-    backend.set_fuse_act_grad(args.fuse_act_grad);
-    let mut t = Trainer::new(Profiled::new(backend), model, policy, optimizer, TrainConfig::new(args.batch, policy))?;
+    let mut t = staged_trainer(args, policy, Profiled::new)?;
     t.set_graphs(false);
-    let mut rng = Rng::new(3);
-    let x: Vec<f32> = (0..args.batch * 784).map(|_| rng.next_f32()).collect();
-    let y: Vec<u32> = (0..args.batch).map(|_| rng.below(10) as u32).collect();
-    t.stage(&x, &y)?;
     for _ in 0..args.warmup {
         t.queue_staged(args.batch)?;
     }

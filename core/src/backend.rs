@@ -209,6 +209,70 @@ impl PoolGeom {
     pub const fn out_len(&self) -> usize {
         self.channels * self.out_height * self.out_width
     }
+
+    /// The checks every backend makes before [`Backend::maxpool`] in an arena of `capacity` bytes: the
+    /// handles inside it and long enough for `images` images, `argmax` in I32, and every window inside the
+    /// image (the kernels index by the geometry alone).
+    pub fn validate_forward(&self, capacity: usize, x: Buf, y: Buf, argmax: Buf, images: usize) -> Result<()> {
+        x.check_in(capacity, "maxpool x")?;
+        y.check_in(capacity, "maxpool y")?;
+        argmax.check_in(capacity, "maxpool argmax")?;
+        x.check_len(images * self.in_len(), "maxpool x")?;
+        y.check_len(images * self.out_len(), "maxpool y")?;
+        argmax.check_len(images * self.out_len(), "maxpool argmax")?;
+        if argmax.dtype != DType::I32 {
+            return Err(Error::UnsupportedDType { what: "maxpool argmax", dtype: argmax.dtype });
+        }
+        let fits = |out: usize, size: usize| {
+            let last = (out.max(1) - 1).checked_mul(self.stride).and_then(|v| v.checked_add(self.kernel));
+            out == 0 || (self.kernel >= 1 && last.is_some_and(|end| end <= size))
+        };
+        if !fits(self.out_height, self.height) || !fits(self.out_width, self.width) {
+            return Err(Error::InvalidConfig("maxpool: pooling windows reach outside the input"));
+        }
+        Ok(())
+    }
+
+    /// The checks every backend makes before [`Backend::maxpool_backward`]: the handles inside the arena and
+    /// long enough for `images` images (what `argmax` holds is each backend's to check).
+    pub fn validate_backward(&self, capacity: usize, dy: Buf, argmax: Buf, dx: Buf, images: usize) -> Result<()> {
+        dy.check_in(capacity, "maxpool_backward dy")?;
+        argmax.check_in(capacity, "maxpool_backward argmax")?;
+        dx.check_in(capacity, "maxpool_backward dx")?;
+        dy.check_len(images * self.out_len(), "maxpool_backward dy")?;
+        argmax.check_len(images * self.out_len(), "maxpool_backward argmax")?;
+        dx.check_len(images * self.in_len(), "maxpool_backward dx")
+    }
+}
+
+/// The checks every backend makes before [`Backend::softmax_cross_entropy`] in an arena of `capacity` bytes:
+/// the handles inside it and long enough for `rows x classes`, labels in I32 and the loss in F32. (The labels'
+/// values are checked by each backend, where they are.)
+#[allow(clippy::too_many_arguments)]
+pub fn validate_softmax_cross_entropy(
+    capacity: usize,
+    logits: Buf,
+    labels: Buf,
+    rows: usize,
+    classes: usize,
+    loss: Buf,
+    dlogits: Buf,
+) -> Result<()> {
+    logits.check_in(capacity, "softmax_cross_entropy logits")?;
+    labels.check_in(capacity, "softmax_cross_entropy labels")?;
+    loss.check_in(capacity, "softmax_cross_entropy loss")?;
+    dlogits.check_in(capacity, "softmax_cross_entropy dlogits")?;
+    logits.check_len(rows * classes, "softmax_cross_entropy logits")?;
+    dlogits.check_len(rows * classes, "softmax_cross_entropy dlogits")?;
+    labels.check_len(rows, "softmax_cross_entropy labels")?;
+    loss.check_len(1, "softmax_cross_entropy loss")?;
+    if labels.dtype != DType::I32 {
+        return Err(Error::UnsupportedDType { what: "softmax_cross_entropy labels", dtype: labels.dtype });
+    }
+    if loss.dtype != DType::F32 {
+        return Err(Error::UnsupportedDType { what: "softmax_cross_entropy loss", dtype: loss.dtype });
+    }
+    Ok(())
 }
 
 /// What [`Backend::grad_stats`] found in the gradients.
@@ -234,6 +298,35 @@ pub struct ParamBufs {
     pub state1: Buf,
     /// Second optimizer state (Adam v), f32; empty when unused.
     pub state2: Buf,
+}
+
+impl ParamBufs {
+    /// The checks every backend makes before a fused optimizer update in an arena of `capacity` bytes: every
+    /// vector it uses (the states only when `state1` / `state2`) inside the arena and `master.len` long, all
+    /// in F32 but the working copy, which is any float dtype. Returns that length.
+    pub fn validate(&self, capacity: usize, state1: bool, state2: bool) -> Result<usize> {
+        let n = self.master.len;
+        for (b, what, used) in [
+            (self.master, "optimizer master", true),
+            (self.working, "optimizer working", true),
+            (self.grad, "optimizer grad", true),
+            (self.state1, "optimizer state1", state1),
+            (self.state2, "optimizer state2", state2),
+        ] {
+            if !used {
+                continue;
+            }
+            b.check_in(capacity, what)?;
+            b.check_len(n, what)?;
+            if b.dtype != DType::F32 && what != "optimizer working" {
+                return Err(Error::UnsupportedDType { what, dtype: b.dtype });
+            }
+        }
+        if !self.working.dtype.is_float() {
+            return Err(Error::UnsupportedDType { what: "optimizer working", dtype: self.working.dtype });
+        }
+        Ok(n)
+    }
 }
 
 /// One SGD step (PyTorch's `torch.optim.SGD` semantics, dampening 0):

@@ -8,7 +8,8 @@ use half::{bf16, f16};
 
 use crate::arena::{Buf, ALIGN};
 use crate::backend::{
-    Activation, AdamWStep, Backend, Capabilities, ConvGeom, Gemm, GradStats, ParamBufs, PoolGeom, SgdStep,
+    validate_softmax_cross_entropy, Activation, AdamWStep, Backend, Capabilities, ConvGeom, Gemm, GradStats, ParamBufs,
+    PoolGeom, SgdStep,
 };
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -345,20 +346,7 @@ impl Backend for Reference<'_> {
         dlogits: Buf,
         grad_scale: f32,
     ) -> Result<()> {
-        self.check(logits, "softmax_cross_entropy logits")?;
-        self.check(labels, "softmax_cross_entropy labels")?;
-        self.check(loss, "softmax_cross_entropy loss")?;
-        self.check(dlogits, "softmax_cross_entropy dlogits")?;
-        Self::check_len(logits, rows * classes, "softmax_cross_entropy logits")?;
-        Self::check_len(dlogits, rows * classes, "softmax_cross_entropy dlogits")?;
-        Self::check_len(labels, rows, "softmax_cross_entropy labels")?;
-        Self::check_len(loss, 1, "softmax_cross_entropy loss")?;
-        if labels.dtype != DType::I32 {
-            return Err(Error::UnsupportedDType { what: "softmax_cross_entropy labels", dtype: labels.dtype });
-        }
-        if loss.dtype != DType::F32 {
-            return Err(Error::UnsupportedDType { what: "softmax_cross_entropy loss", dtype: loss.dtype });
-        }
+        validate_softmax_cross_entropy(self.capacity, logits, labels, rows, classes, loss, dlogits)?;
         let lab = self.ptr::<i32>(labels);
         for r in 0..rows {
             // SAFETY: r < rows <= labels.len.
@@ -487,23 +475,8 @@ impl Backend for Reference<'_> {
     }
 
     fn maxpool(&mut self, x: Buf, g: &PoolGeom, images: usize, y: Buf, argmax: Buf) -> Result<()> {
-        self.check(x, "maxpool x")?;
-        self.check(y, "maxpool y")?;
-        self.check(argmax, "maxpool argmax")?;
-        Self::check_len(x, images * g.in_len(), "maxpool x")?;
-        Self::check_len(y, images * g.out_len(), "maxpool y")?;
-        Self::check_len(argmax, images * g.out_len(), "maxpool argmax")?;
-        if argmax.dtype != DType::I32 {
-            return Err(Error::UnsupportedDType { what: "maxpool argmax", dtype: argmax.dtype });
-        }
-        // Every window must lie inside the image: the loop below indexes by the geometry alone.
-        let fits = |out: usize, size: usize| {
-            let last = (out.max(1) - 1).checked_mul(g.stride).and_then(|v| v.checked_add(g.kernel));
-            out == 0 || (g.kernel >= 1 && last.is_some_and(|end| end <= size))
-        };
-        if !fits(g.out_height, g.height) || !fits(g.out_width, g.width) {
-            return Err(Error::InvalidConfig("maxpool: pooling windows reach outside the input"));
-        }
+        // Every window lies inside the image: the loop below indexes by the geometry alone.
+        g.validate_forward(self.capacity, x, y, argmax, images)?;
         let am = self.ptr::<i32>(argmax);
         with_float!(x.dtype, "maxpool", X => with_float!(y.dtype, "maxpool", Y => {
             let (xv, yv) = (self.view::<X>(x), self.view_mut::<Y>(y));
@@ -540,12 +513,7 @@ impl Backend for Reference<'_> {
     }
 
     fn maxpool_backward(&mut self, dy: Buf, argmax: Buf, g: &PoolGeom, images: usize, dx: Buf) -> Result<()> {
-        self.check(dy, "maxpool_backward dy")?;
-        self.check(argmax, "maxpool_backward argmax")?;
-        self.check(dx, "maxpool_backward dx")?;
-        Self::check_len(dy, images * g.out_len(), "maxpool_backward dy")?;
-        Self::check_len(argmax, images * g.out_len(), "maxpool_backward argmax")?;
-        Self::check_len(dx, images * g.in_len(), "maxpool_backward dx")?;
+        g.validate_backward(self.capacity, dy, argmax, dx, images)?;
         self.fill(dx.prefix(images * g.in_len()), 0.0)?;
         let am = self.ptr::<i32>(argmax);
         with_float!(dy.dtype, "maxpool_backward", D => with_float!(dx.dtype, "maxpool_backward", X => {
@@ -585,10 +553,10 @@ impl Backend for Reference<'_> {
     }
 
     fn sgd_step(&mut self, p: &ParamBufs, s: &SgdStep) -> Result<()> {
-        let n = self.check_params(p, s.momentum != 0.0, false)?;
+        let n = p.validate(self.capacity, s.momentum != 0.0, false)?;
         let (w, g, m) = (self.ptr::<f32>(p.master), self.ptr::<f32>(p.grad), self.ptr::<f32>(p.state1));
         for i in 0..n {
-            // SAFETY: every buffer holds at least n elements (check_params).
+            // SAFETY: every buffer holds at least n elements (ParamBufs::validate).
             unsafe {
                 let wi = w.add(i).read();
                 let mut gi = g.add(i).read() * s.grad_scale + s.weight_decay * wi;
@@ -604,14 +572,14 @@ impl Backend for Reference<'_> {
     }
 
     fn adamw_step(&mut self, p: &ParamBufs, s: &AdamWStep) -> Result<()> {
-        let n = self.check_params(p, true, true)?;
+        let n = p.validate(self.capacity, true, true)?;
         let (w, g) = (self.ptr::<f32>(p.master), self.ptr::<f32>(p.grad));
         let (m, v) = (self.ptr::<f32>(p.state1), self.ptr::<f32>(p.state2));
         let step_size = s.lr / s.bias_correction1;
         let bc2_sqrt = libm::sqrtf(s.bias_correction2);
         let decay = 1.0 - s.lr * s.weight_decay;
         for i in 0..n {
-            // SAFETY: every buffer holds at least n elements (check_params).
+            // SAFETY: every buffer holds at least n elements (ParamBufs::validate).
             unsafe {
                 let gi = g.add(i).read() * s.grad_scale;
                 let mi = s.beta1 * m.add(i).read() + (1.0 - s.beta1) * gi;
@@ -628,27 +596,6 @@ impl Backend for Reference<'_> {
 }
 
 impl Reference<'_> {
-    fn check_params(&self, p: &ParamBufs, state1: bool, state2: bool) -> Result<usize> {
-        let n = p.master.len;
-        for (b, what, used) in [
-            (p.master, "optimizer master", true),
-            (p.working, "optimizer working", true),
-            (p.grad, "optimizer grad", true),
-            (p.state1, "optimizer state1", state1),
-            (p.state2, "optimizer state2", state2),
-        ] {
-            if !used {
-                continue;
-            }
-            self.check(b, what)?;
-            Self::check_len(b, n, what)?;
-            if b.dtype != DType::F32 && what != "optimizer working" {
-                return Err(Error::UnsupportedDType { what, dtype: b.dtype });
-            }
-        }
-        Ok(n)
-    }
-
     fn write_working(&mut self, p: &ParamBufs, n: usize) -> Result<()> {
         if p.working.offset == p.master.offset {
             return Ok(());

@@ -583,7 +583,9 @@ impl<B: Backend> Trainer<B> {
             }
             let scratch = retype(s.scratch, d, s.scratch.bytes() / d.size());
             let io = Bwd { x: x_i, y: s.acts[i], dy, dx, aux: s.aux[i], scratch, rows };
-            if let (Some(act), Layer::Linear(lin), Some(dx)) = (self.fusable_backward(i, first, s, &p), layer, dx) {
+            if let (Some(act), Layer::Linear(lin), Some(dx)) =
+                (self.fusable_backward(i, first, &dtypes, s, &p), layer, dx)
+            {
                 // Linear i's input gradient through activation i - 1, and the bias gradient of layer i - 2 when
                 // it is linear, in one GEMM; the activation's own backward is then done.
                 let prev_dbias = match layers[i - 2] {
@@ -631,13 +633,19 @@ impl<B: Backend> Trainer<B> {
     /// [`crate::layers::Linear::backward_act`]), and that activation: the three layers compute in one dtype
     /// with no casts between them, layer `i - 1` needs an input gradient, the weight needs no conversion, and
     /// check-numerics (which inspects every layer's gradients) is off.
-    fn fusable_backward(&self, i: usize, first: usize, s: &StepBufs, p: &LayerParams) -> Option<Activation> {
+    fn fusable_backward(
+        &self,
+        i: usize,
+        first: usize,
+        dtypes: &[DType],
+        s: &StepBufs,
+        p: &LayerParams,
+    ) -> Option<Activation> {
         let layers = self.model.layers();
         if self.check_numerics || i < first + 2 || !matches!(layers[i], Layer::Linear(_)) {
             return None;
         }
         let act = layers[i - 1].activation()?;
-        let dtypes = self.model.out_dtypes(self.policy);
         let d = dtypes[i];
         let same = dtypes[i - 1] == d && dtypes[i - 2] == d && p.weight.dtype == d;
         (same && s.casts[i].len == 0 && s.casts[i - 1].len == 0).then_some(act)

@@ -8,8 +8,8 @@ use core::marker::PhantomData;
 use half::{bf16, f16};
 use mantissa_core::arena::{Buf, ALIGN};
 use mantissa_core::backend::{
-    gemm_fused_composed, Activation, AdamWStep, Backend, Capabilities, ConvGeom, Epilogue, Gemm, GradStats, ParamBufs,
-    PoolGeom, SgdStep,
+    gemm_fused_composed, validate_softmax_cross_entropy, Activation, AdamWStep, Backend, Capabilities, ConvGeom,
+    Epilogue, Gemm, GradStats, ParamBufs, PoolGeom, SgdStep,
 };
 use mantissa_core::{DType, Error, Reference, Result};
 
@@ -136,7 +136,7 @@ impl<'a> SimdBackend<'a> {
     }
 
     fn check_params(&self, p: &ParamBufs, state1: bool, state2: bool) -> Result<usize> {
-        let n = p.master.len;
+        let n = p.validate(self.capacity, state1, state2)?;
         let used = [
             (p.master, "optimizer master", true),
             (p.working, "optimizer working", p.working.offset != p.master.offset),
@@ -144,16 +144,6 @@ impl<'a> SimdBackend<'a> {
             (p.state1, "optimizer state1", state1),
             (p.state2, "optimizer state2", state2),
         ];
-        for (b, what, on) in used {
-            if !on {
-                continue;
-            }
-            self.check(b, what)?;
-            Self::check_len(b, n, what)?;
-            if b.dtype != DType::F32 && what != "optimizer working" {
-                return Err(Error::UnsupportedDType { what, dtype: b.dtype });
-            }
-        }
         // The fused loop borrows each vector as its own slice: they must be disjoint.
         for (i, (a, _, on_a)) in used.iter().enumerate() {
             for (b, _, on_b) in &used[i + 1..] {
@@ -161,9 +151,6 @@ impl<'a> SimdBackend<'a> {
                     return Err(Error::InvalidConfig("optimizer buffers overlap"));
                 }
             }
-        }
-        if !p.working.dtype.is_float() {
-            return Err(Error::UnsupportedDType { what: "optimizer working", dtype: p.working.dtype });
         }
         Ok(n)
     }
@@ -721,20 +708,7 @@ impl Backend for SimdBackend<'_> {
         dlogits: Buf,
         grad_scale: f32,
     ) -> Result<()> {
-        self.check(logits, "softmax_cross_entropy logits")?;
-        self.check(labels, "softmax_cross_entropy labels")?;
-        self.check(loss, "softmax_cross_entropy loss")?;
-        self.check(dlogits, "softmax_cross_entropy dlogits")?;
-        Self::check_len(logits, rows * classes, "softmax_cross_entropy logits")?;
-        Self::check_len(dlogits, rows * classes, "softmax_cross_entropy dlogits")?;
-        Self::check_len(labels, rows, "softmax_cross_entropy labels")?;
-        Self::check_len(loss, 1, "softmax_cross_entropy loss")?;
-        if labels.dtype != DType::I32 {
-            return Err(Error::UnsupportedDType { what: "softmax_cross_entropy labels", dtype: labels.dtype });
-        }
-        if loss.dtype != DType::F32 {
-            return Err(Error::UnsupportedDType { what: "softmax_cross_entropy loss", dtype: loss.dtype });
-        }
+        validate_softmax_cross_entropy(self.capacity, logits, labels, rows, classes, loss, dlogits)?;
         let n = rows * classes;
         if dlogits.prefix(n).overlaps(&logits.prefix(n)) {
             return Err(Error::InvalidConfig("softmax_cross_entropy: dlogits overlaps logits"));
@@ -814,22 +788,7 @@ impl Backend for SimdBackend<'_> {
     }
 
     fn maxpool(&mut self, x: Buf, g: &PoolGeom, images: usize, y: Buf, argmax: Buf) -> Result<()> {
-        self.check(x, "maxpool x")?;
-        self.check(y, "maxpool y")?;
-        self.check(argmax, "maxpool argmax")?;
-        Self::check_len(x, images * g.in_len(), "maxpool x")?;
-        Self::check_len(y, images * g.out_len(), "maxpool y")?;
-        Self::check_len(argmax, images * g.out_len(), "maxpool argmax")?;
-        if argmax.dtype != DType::I32 {
-            return Err(Error::UnsupportedDType { what: "maxpool argmax", dtype: argmax.dtype });
-        }
-        let fits = |out: usize, size: usize| {
-            let last = (out.max(1) - 1).checked_mul(g.stride).and_then(|v| v.checked_add(g.kernel));
-            out == 0 || (g.kernel >= 1 && last.is_some_and(|end| end <= size))
-        };
-        if !fits(g.out_height, g.height) || !fits(g.out_width, g.width) {
-            return Err(Error::InvalidConfig("maxpool: pooling windows reach outside the input"));
-        }
+        g.validate_forward(self.capacity, x, y, argmax, images)?;
         let (xn, yn) = (x.prefix(images * g.in_len()), y.prefix(images * g.out_len()));
         let an = argmax.prefix(images * g.out_len());
         if xn.overlaps(&yn) || xn.overlaps(&an) || yn.overlaps(&an) {
@@ -850,12 +809,7 @@ impl Backend for SimdBackend<'_> {
     }
 
     fn maxpool_backward(&mut self, dy: Buf, argmax: Buf, g: &PoolGeom, images: usize, dx: Buf) -> Result<()> {
-        self.check(dy, "maxpool_backward dy")?;
-        self.check(argmax, "maxpool_backward argmax")?;
-        self.check(dx, "maxpool_backward dx")?;
-        Self::check_len(dy, images * g.out_len(), "maxpool_backward dy")?;
-        Self::check_len(argmax, images * g.out_len(), "maxpool_backward argmax")?;
-        Self::check_len(dx, images * g.in_len(), "maxpool_backward dx")?;
+        g.validate_backward(self.capacity, dy, argmax, dx, images)?;
         let (il, ol) = (g.in_len(), g.out_len());
         let (dyn_, an, dxn) = (dy.prefix(images * ol), argmax.prefix(images * ol), dx.prefix(images * il));
         if argmax.dtype != DType::I32 || dxn.overlaps(&dyn_) || dxn.overlaps(&an) {

@@ -8,34 +8,14 @@
 //! Each time is the median of 20 samples after warm-up; a sample is 5 back-to-back calls between two
 //! synchronisations, divided by 5.
 
-use std::time::Instant;
-
 use mantissa_core::backend::{gemm_fused_composed, Activation, Epilogue, Gemm};
 use mantissa_core::rng::Rng;
 use mantissa_core::{Arena, Backend, Buf, DType};
 use mantissa_cuda::CudaBackend;
 
-const SAMPLES: usize = 20;
-const CALLS: usize = 5;
+mod common;
 
-fn median_ms(be: &mut CudaBackend, mut op: impl FnMut(&mut CudaBackend)) -> f64 {
-    for _ in 0..3 {
-        op(be);
-    }
-    be.synchronize().unwrap();
-    let mut t: Vec<f64> = (0..SAMPLES)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..CALLS {
-                op(be);
-            }
-            be.synchronize().unwrap();
-            start.elapsed().as_secs_f64() * 1e3 / CALLS as f64
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    (t[SAMPLES / 2 - 1] + t[SAMPLES / 2]) / 2.0
-}
+use common::median_ms;
 
 fn main() {
     let mut be = match CudaBackend::new(0, 1 << 30) {

@@ -9,34 +9,14 @@
 //! (every skinny kernel), `cublas_ms` with both off (what ran before them). By default only the small-m kernel
 //! and the few-channel bias gradient run (the others were slower than cuBLAS on the H200).
 
-use std::time::Instant;
-
 use mantissa_core::backend::{Activation, Epilogue, Gemm};
 use mantissa_core::rng::Rng;
 use mantissa_core::{Arena, Backend, Buf, DType};
 use mantissa_cuda::CudaBackend;
 
-const SAMPLES: usize = 20;
-const CALLS: usize = 5;
+mod common;
 
-fn median_ms(be: &mut CudaBackend, mut op: impl FnMut(&mut CudaBackend)) -> f64 {
-    for _ in 0..3 {
-        op(be);
-    }
-    be.synchronize().unwrap();
-    let mut t: Vec<f64> = (0..SAMPLES)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..CALLS {
-                op(be);
-            }
-            be.synchronize().unwrap();
-            start.elapsed().as_secs_f64() * 1e3 / CALLS as f64
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    (t[SAMPLES / 2 - 1] + t[SAMPLES / 2]) / 2.0
-}
+use common::median_ms;
 
 enum Op {
     Gemm(Gemm),

@@ -12,7 +12,7 @@
 //! Each is checked against the provided host versions on the reference backend (`cuda/tests/control.rs`).
 
 use cudarc::driver::sys as cu;
-use mantissa_core::backend::{check_control, AdamWStep, ParamBufs, SgdStep};
+use mantissa_core::backend::{check_control, validate_softmax_cross_entropy, AdamWStep, ParamBufs, SgdStep};
 use mantissa_core::control::{self as block, StepRule};
 use mantissa_core::{Buf, DType, Error, LossScale, Result};
 
@@ -64,20 +64,7 @@ pub(crate) fn softmax_xent(
     ctl: Option<Buf>,
 ) -> Result<()> {
     let ctl = ctl.map(|c| be.control_block(c)).transpose()?;
-    be.check(logits, "softmax_cross_entropy logits")?;
-    be.check(labels, "softmax_cross_entropy labels")?;
-    be.check(loss, "softmax_cross_entropy loss")?;
-    be.check(dlogits, "softmax_cross_entropy dlogits")?;
-    CudaBackend::check_len(logits, rows * classes, "softmax_cross_entropy logits")?;
-    CudaBackend::check_len(dlogits, rows * classes, "softmax_cross_entropy dlogits")?;
-    CudaBackend::check_len(labels, rows, "softmax_cross_entropy labels")?;
-    CudaBackend::check_len(loss, 1, "softmax_cross_entropy loss")?;
-    if labels.dtype != DType::I32 {
-        return Err(Error::UnsupportedDType { what: "softmax_cross_entropy labels", dtype: labels.dtype });
-    }
-    if loss.dtype != DType::F32 {
-        return Err(Error::UnsupportedDType { what: "softmax_cross_entropy loss", dtype: loss.dtype });
-    }
+    validate_softmax_cross_entropy(be.capacity, logits, labels, rows, classes, loss, dlogits)?;
     let (lt, dt) =
         (CudaBackend::float(logits, "softmax_cross_entropy")?, CudaBackend::float(dlogits, "softmax_cross_entropy")?);
     be.enter()?;
@@ -246,7 +233,7 @@ pub(crate) fn step_control(be: &mut CudaBackend, ctl: Buf, grad: Buf, loss: Buf,
 /// (`s.grad_scale` and the bias corrections are ignored).
 pub(crate) fn adamw_step_gated(be: &mut CudaBackend, p: &ParamBufs, s: &AdamWStep, ctl: Buf) -> Result<()> {
     let c = be.control_block(ctl)?;
-    let n = be.check_params(p, true, true)?;
+    let n = p.validate(be.capacity, true, true)?;
     if n == 0 {
         return Ok(());
     }
@@ -274,7 +261,7 @@ pub(crate) fn adamw_step_gated(be: &mut CudaBackend, p: &ParamBufs, s: &AdamWSte
 /// `Backend::sgd_step_gated`: the fused SGD kernel, gated by the block, with its gradient multiplier.
 pub(crate) fn sgd_step_gated(be: &mut CudaBackend, p: &ParamBufs, s: &SgdStep, ctl: Buf) -> Result<()> {
     let c = be.control_block(ctl)?;
-    let n = be.check_params(p, s.momentum != 0.0, false)?;
+    let n = p.validate(be.capacity, s.momentum != 0.0, false)?;
     if n == 0 {
         return Ok(());
     }

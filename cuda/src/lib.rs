@@ -385,28 +385,6 @@ impl CudaBackend {
         v.iter().map(|&x| Arg::I64(x as i64))
     }
 
-    fn check_params(&self, p: &ParamBufs, state1: bool, state2: bool) -> Result<usize> {
-        let n = p.master.len;
-        for (b, what, used) in [
-            (p.master, "optimizer master", true),
-            (p.working, "optimizer working", true),
-            (p.grad, "optimizer grad", true),
-            (p.state1, "optimizer state1", state1),
-            (p.state2, "optimizer state2", state2),
-        ] {
-            if !used {
-                continue;
-            }
-            self.check(b, what)?;
-            Self::check_len(b, n, what)?;
-            if b.dtype != DType::F32 && what != "optimizer working" {
-                return Err(Error::UnsupportedDType { what, dtype: b.dtype });
-            }
-        }
-        Self::float(p.working, "optimizer working")?;
-        Ok(n)
-    }
-
     /// The working-copy arguments of a fused optimizer kernel: its dtype, address and whether to write it
     /// (not when it is the master itself, float32 policy).
     fn working(&self, p: &ParamBufs) -> (DType, u64, i32) {
@@ -802,22 +780,7 @@ impl Backend for CudaBackend {
     }
 
     fn maxpool(&mut self, x: Buf, g: &PoolGeom, images: usize, y: Buf, argmax: Buf) -> Result<()> {
-        self.check(x, "maxpool x")?;
-        self.check(y, "maxpool y")?;
-        self.check(argmax, "maxpool argmax")?;
-        Self::check_len(x, images * g.in_len(), "maxpool x")?;
-        Self::check_len(y, images * g.out_len(), "maxpool y")?;
-        Self::check_len(argmax, images * g.out_len(), "maxpool argmax")?;
-        if argmax.dtype != DType::I32 {
-            return Err(Error::UnsupportedDType { what: "maxpool argmax", dtype: argmax.dtype });
-        }
-        let fits = |out: usize, size: usize| {
-            let last = (out.max(1) - 1).checked_mul(g.stride).and_then(|v| v.checked_add(g.kernel));
-            out == 0 || (g.kernel >= 1 && last.is_some_and(|end| end <= size))
-        };
-        if !fits(g.out_height, g.height) || !fits(g.out_width, g.width) {
-            return Err(Error::InvalidConfig("maxpool: pooling windows reach outside the input"));
-        }
+        g.validate_forward(self.capacity, x, y, argmax, images)?;
         let (xt, yt) = (Self::float(x, "maxpool")?, Self::float(y, "maxpool")?);
         let n = images * g.out_len();
         if n == 0 {
@@ -839,12 +802,7 @@ impl Backend for CudaBackend {
     }
 
     fn maxpool_backward(&mut self, dy: Buf, argmax: Buf, g: &PoolGeom, images: usize, dx: Buf) -> Result<()> {
-        self.check(dy, "maxpool_backward dy")?;
-        self.check(argmax, "maxpool_backward argmax")?;
-        self.check(dx, "maxpool_backward dx")?;
-        Self::check_len(dy, images * g.out_len(), "maxpool_backward dy")?;
-        Self::check_len(argmax, images * g.out_len(), "maxpool_backward argmax")?;
-        Self::check_len(dx, images * g.in_len(), "maxpool_backward dx")?;
+        g.validate_backward(self.capacity, dy, argmax, dx, images)?;
         if argmax.dtype != DType::I32 {
             return Err(Error::UnsupportedDType { what: "maxpool_backward argmax", dtype: argmax.dtype });
         }
@@ -971,7 +929,7 @@ impl Backend for CudaBackend {
     }
 
     fn sgd_step(&mut self, p: &ParamBufs, s: &SgdStep) -> Result<()> {
-        let n = self.check_params(p, s.momentum != 0.0, false)?;
+        let n = p.validate(self.capacity, s.momentum != 0.0, false)?;
         if n == 0 {
             return Ok(());
         }
@@ -996,7 +954,7 @@ impl Backend for CudaBackend {
     }
 
     fn adamw_step(&mut self, p: &ParamBufs, s: &AdamWStep) -> Result<()> {
-        let n = self.check_params(p, true, true)?;
+        let n = p.validate(self.capacity, true, true)?;
         if n == 0 {
             return Ok(());
         }
