@@ -14,6 +14,10 @@
 //! scaling. The batch is staged in the arena once (as the PyTorch peer keeps it on the GPU); step time is
 //! the mean of 50 steps after 10 warm-up steps, synchronised at both ends.
 //!
+//! The first step of each run measures the candidates of every fused GEMM (`CudaBackend::set_autotune`; off
+//! with `--no-autotune`); the `lt_tune:` lines after a policy's first `train:` line say what it measured and
+//! chose.
+//!
 //! `--policy P` and `--mode M` restrict the runs. `--profile` instead times every op of a step alone
 //! (`mantissa::profile::Profiled`: a wait before and after each op, no graph) and prints, per policy,
 //! `profile: policy=... op="..." calls_per_step=... ms_per_step=... share_pct=... tflops=...` rows, largest first.
@@ -45,9 +49,13 @@ struct Args {
     /// Time each op of a step instead (see the module documentation).
     #[arg(long)]
     profile: bool,
-    /// Run the GELU backward inside the GEMM (cuBLASLt DGELU epilogue; off by default).
+    /// Without a measurement, run the GELU backward inside the GEMM (cuBLASLt DGELU epilogue).
     #[arg(long)]
     fuse_act_grad: bool,
+    /// Take cuBLASLt's first heuristic algorithm for each fused GEMM instead of timing the candidates at the
+    /// first step (`CudaBackend::set_autotune`).
+    #[arg(long)]
+    no_autotune: bool,
 }
 
 const MODES: [&str; 3] = ["graph", "queued", "per-step"];
@@ -81,12 +89,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     for policy in policies {
         for mode in MODES.into_iter().filter(|m| args.mode.as_deref().is_none_or(|a| a == *m)) {
-            let (ms, peak) = time_policy(&args, policy, mode)?;
+            let (ms, peak, tuning) = time_policy(&args, policy, mode)?;
             println!(
-                "train: workload=gpu-mlp backend=cuda policy={policy} mode={mode}{} step_ms={ms:.3} samples_per_s={:.0} peak_device_bytes={peak}",
+                "train: workload=gpu-mlp backend=cuda policy={policy} mode={mode}{}{} step_ms={ms:.3} samples_per_s={:.0} peak_device_bytes={peak}",
                 if args.fuse_act_grad { " fuse_act_grad=1" } else { "" },
+                if args.no_autotune { " autotune=0" } else { "" },
                 args.batch as f64 / ms * 1e3
             );
+            // What the first step measured (the same for every mode: printed once per policy).
+            if mode == args.mode.as_deref().unwrap_or(MODES[0]) {
+                for line in tuning {
+                    println!("{line} policy={policy}");
+                }
+            }
         }
     }
     Ok(())
@@ -104,6 +119,7 @@ fn staged_trainer<B: Backend>(
     let plan = MemoryPlan::new(&model, policy, &optimizer, args.batch)?;
     let mut backend = CudaBackend::new(0, plan.total)?;
     backend.set_fuse_act_grad(args.fuse_act_grad);
+    backend.set_autotune(!args.no_autotune);
     let mut t = Trainer::new(wrap(backend), model, policy, optimizer, TrainConfig::new(args.batch, policy))?;
     let mut rng = Rng::new(3);
     let x: Vec<f32> = (0..args.batch * 784).map(|_| rng.next_f32()).collect();
@@ -112,8 +128,12 @@ fn staged_trainer<B: Backend>(
     Ok(t)
 }
 
-/// Mean step time in ms and the device bytes held, for one policy.
-fn time_policy(args: &Args, policy: Policy, mode: &str) -> Result<(f64, usize), Box<dyn std::error::Error>> {
+/// Mean step time in ms, the device bytes held and the tuning log, for one policy.
+fn time_policy(
+    args: &Args,
+    policy: Policy,
+    mode: &str,
+) -> Result<(f64, usize, Vec<String>), Box<dyn std::error::Error>> {
     let mut t = staged_trainer(args, policy, |b| b)?;
     let peak = t.backend().device_bytes();
     t.set_graphs(mode == "graph");
@@ -135,7 +155,7 @@ fn time_policy(args: &Args, policy: Policy, mode: &str) -> Result<(f64, usize), 
     if !r.loss.is_finite() || t.updates() == 0 {
         return Err(format!("{policy} {mode}: training went wrong: {r:?}").into());
     }
-    Ok((ms, peak))
+    Ok((ms, peak, t.backend().tuning_log().to_vec()))
 }
 
 /// Per-op times of one policy's step (each op alone between two waits; no graph).

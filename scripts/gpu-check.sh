@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu-check.sh build   # here (no CUDA needed): release build of the examples and the cuda tests,
 #                                     # binaries copied (stripped) into .gpu/
-#   bash scripts/gpu-check.sh perf    # on the GPU machine: per-op profiles and the fused-backward choice
+#   bash scripts/gpu-check.sh perf    # on the GPU machine: step times with and without autotune, PyTorch, per-op profile
 #   bash scripts/gpu-check.sh run     # on the GPU machine, with .gpu/ carried over: nvidia-smi, every cuda test
 #                                     # binary with --include-ignored, mnist on the cuda backend, the step timing.
 #                                     # Logs go to $OUT (or ./gpu-out): nvidia-smi.txt, tests.log, mnist.log,
@@ -135,7 +135,7 @@ run() {
         echo "--- timing"
         grep -E "^timing:|panicked|=== timing" "$out/timing.log"
         echo "--- report"
-        grep -E "^=== |^train:|^fused:|^skinny:|^\||^error|^#" "$out/report.log"
+        grep -E "^=== |^train:|^lt_tune:|^fused:|^skinny:|^\||^error|^#" "$out/report.log"
         echo "--- profile (bf16 step, kernels by total time)"
         head -40 "$out/profile.log"
         echo "--- bench"
@@ -150,20 +150,17 @@ perf() {
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}
     : >"$out/perf.log"
     for pass in 1 2; do
-        for flag in "" --fuse-act-grad; do
+        for flag in "" --no-autotune; do
             echo "=== gpu_report --mode graph $flag (pass $pass)" >>"$out/perf.log"
             # shellcheck disable=SC2086
             timeout 120 .gpu/gpu_report --mode graph $flag >>"$out/perf.log" 2>&1
         done
+        echo "=== pytorch (pass $pass)" >>"$out/perf.log"
+        timeout 300 python3 benches/peers/pytorch_gpu.py >>"$out/perf.log" 2>&1
     done
-    echo "=== pytorch" >>"$out/perf.log"
-    timeout 300 python3 benches/peers/pytorch_gpu.py >>"$out/perf.log" 2>&1
-    for flag in "" --fuse-act-grad; do
-        echo "=== gpu_report --profile $flag" >>"$out/perf.log"
-        # shellcheck disable=SC2086
-        timeout 120 .gpu/gpu_report --profile --steps 20 $flag >>"$out/perf.log" 2>&1
-    done
-    grep -E "^=== |^train:|^profile:|^error" "$out/perf.log" | tee "$out/perf-summary.txt"
+    echo "=== gpu_report --profile" >>"$out/perf.log"
+    timeout 120 .gpu/gpu_report --profile --steps 20 >>"$out/perf.log" 2>&1
+    grep -E "^=== |^train:|^lt_tune:|^profile:|^error|step_ms|peak" "$out/perf.log" | tee "$out/perf-summary.txt"
 }
 
 case "${1:-}" in

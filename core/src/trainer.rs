@@ -193,6 +193,10 @@ pub struct Trainer<B: Backend> {
     graphs: bool,
     /// The recorded step: `(rows, id)`.
     recorded: Option<(usize, usize)>,
+    /// Rows of the last step run directly while graphs are on: a shape is recorded from its second step, so
+    /// that its first runs where the backend may still wait for the device (a CUDA backend then measures which
+    /// GEMM algorithm to take, which it cannot do while recording).
+    ran_direct: usize,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -281,6 +285,7 @@ impl<B: Backend> Trainer<B> {
             last_rows: 0,
             graphs: true,
             recorded: None,
+            ran_direct: 0,
         })
     }
 
@@ -322,7 +327,8 @@ impl<B: Backend> Trainer<B> {
     /// Queues a training step on the first `rows` samples of the staged batch without waiting for it: every
     /// decision of the step (finite gradients, apply or skip, the loss-scale update, AdamW's bias correction)
     /// is made by the backend, in its control block, so nothing crosses back to the host. On a device backend
-    /// the first step of a shape is recorded and later ones replay it (a CUDA graph: one launch per step).
+    /// the first step of a shape runs op by op (the CUDA backend then picks its GEMM algorithms by timing them),
+    /// the second is recorded and every later one replays it (a CUDA graph: one launch per step).
     /// Read the outcome with [`Trainer::report`].
     pub fn queue_staged(&mut self, rows: usize) -> Result<()> {
         if rows == 0 || rows > self.staged {
@@ -392,6 +398,13 @@ impl<B: Backend> Trainer<B> {
                 }
                 Some(_) => self.forget_recording(),
                 None => {}
+            }
+            if self.ran_direct != rows {
+                // The first step of this shape: run it directly, record the next one.
+                self.step_ops(s, rows)?;
+                self.ran_direct = rows;
+                self.last_rows = rows;
+                return Ok(());
             }
             if self.backend.record_begin()? {
                 let ops = self.step_ops(s, rows);

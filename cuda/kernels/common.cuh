@@ -102,6 +102,29 @@ __device__ __forceinline__ float block_sum(float v) {
     return v;
 }
 
+// Activations (codes: crate::act_code), forward and derivative: elementwise.cu's activation kernels and
+// act_grad.cu's fused backward call these same functions, so the fused op's dx equals activation_backward's bit
+// for bit (all kernels are compiled with the same options). Same constants and operation order as
+// mantissa_core::reference (sqrt(2/pi), GELU's cubic coefficient). skinny.cu keeps its own copy (SK_*).
+#define GELU_S 0.7978846f
+#define GELU_C 0.044715f
+#define ACT_RELU 0
+#define ACT_GELU_TANH 1
+
+__device__ __forceinline__ float act_forward(int act, float x) {
+    if (act == ACT_RELU) return x > 0.0f ? x : (isnan(x) ? x : 0.0f);
+    const float u = GELU_S * (x + GELU_C * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(u));
+}
+
+__device__ __forceinline__ float act_derivative(int act, float x) {
+    if (act == ACT_RELU) return x > 0.0f ? 1.0f : 0.0f;
+    const float x2 = x * x;
+    const float u = GELU_S * (x + GELU_C * x2 * x);
+    const float t = tanhf(u);
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_S * (1.0f + 3.0f * GELU_C * x2);
+}
+
 // Instantiation lists: X(name, type) for each float storage type, and each (source, destination) pair.
 #define FOR_FLOAT(X) X(f32, float) X(f16, f16) X(bf16, bf16)
 #define FOR_FLOAT_PAIR(X)                                                                                    \

@@ -1,25 +1,8 @@
 // Element-wise ops: dtype conversion, bias, activations forward and backward.
 // n: elements; every kernel is a grid-stride loop, one element per thread per iteration.
 
-// Same constants and operation order as mantissa_core::reference (sqrt(2/pi), GELU's cubic coefficient).
-#define GELU_S 0.7978846f
-#define GELU_C 0.044715f
-#define ACT_RELU 0
-#define ACT_GELU_TANH 1
-
-__device__ __forceinline__ float act_forward(int act, float x) {
-    if (act == ACT_RELU) return x > 0.0f ? x : (isnan(x) ? x : 0.0f);
-    const float u = GELU_S * (x + GELU_C * x * x * x);
-    return 0.5f * x * (1.0f + tanhf(u));
-}
-
-__device__ __forceinline__ float act_derivative(int act, float x) {
-    if (act == ACT_RELU) return x > 0.0f ? 1.0f : 0.0f;
-    const float x2 = x * x;
-    const float u = GELU_S * (x + GELU_C * x2 * x);
-    const float t = tanhf(u);
-    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_S * (1.0f + 3.0f * GELU_C * x2);
-}
+// act_forward and act_derivative (and the ACT_* codes) are in common.cuh: act_grad.cu computes the same
+// derivative, bit for bit.
 
 // dst[i] = src[i], converted (round to nearest even).
 template <typename S, typename D>

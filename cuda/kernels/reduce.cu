@@ -88,22 +88,62 @@ __device__ void bias_grad_finish_impl(const float* partial, B* dbias, u64 c0, u6
     }
 }
 
-// Per block: the count of non-finite grad[i] * scale and the f64 sum of their squares (finite ones only).
-// Block of 256 threads; the host adds the per-block results.
+// grad_stats: per block, the count of non-finite grad[i] * scale and the f64 sum of their squares (finite ones
+// only). Block of 256 threads; the host (grad_stats) or step_control's second pass adds the per-block results.
+// Both launch it with the same grid (CudaBackend::stats_blocks), so they see the same per-block partials.
+//
+// A bandwidth kernel: the gradients are read with 16-byte loads (4 f32 or 8 f16 / bf16), 4 of them per thread
+// per pass, all issued before the arithmetic (64 bytes in flight per thread, 64 KiB per SM at 4 blocks of 256;
+// STATS_BOUNDS caps the registers so that 4 blocks fit on an SM and the host's grid of at most 4 blocks per SM
+// is one wave). Elements before the first 16-byte boundary and after the last whole vector are read one by one,
+// so any gradient pointer works. Each thread adds its elements in a fixed order (its head elements, its vectors
+// pass by pass, its tail elements); the block adds the threads' sums in a fixed tree: for a given grid, the
+// per-block partials are a fixed function of the data.
+#define STATS_BOUNDS __launch_bounds__(256, 4)
+#define STATS_VECS 4
+
+__device__ __forceinline__ void stats_add(float v, double& s, u64& bad) {
+    if (isfinite(v)) {
+        s += (double)v * (double)v;
+    } else {
+        bad++;
+    }
+}
+template <typename G>
+__device__ __forceinline__ void stats_add_vec(const uint4& x, float scale, double& s, u64& bad) {
+    const G* e = reinterpret_cast<const G*>(&x);
+#pragma unroll
+    for (int k = 0; k < (int)(16 / sizeof(G)); k++) stats_add(ld(e, k) * scale, s, bad);
+}
+
 template <typename G>
 __device__ void grad_stats_impl(const G* grad, u64 n, float scale, double* sums, u64* counts) {
     __shared__ double sh_sum[256];
     __shared__ u64 sh_cnt[256];
+    const u64 E = 16 / sizeof(G);  // elements per 16-byte vector
+    const u64 t = gtid(), T = gstride();
     double s = 0.0;
     u64 bad = 0;
-    for (u64 i = gtid(); i < n; i += gstride()) {
-        const float v = ld(grad, i) * scale;
-        if (isfinite(v)) {
-            s += (double)v * (double)v;
-        } else {
-            bad++;
-        }
+    // grad is aligned to its element size, so fewer than E elements come before the first 16-byte boundary.
+    const u64 head = min(n, ((16 - ((u64)grad & 15)) & 15) / sizeof(G));
+    for (u64 j = t; j < head; j += T) stats_add(ld(grad, j) * scale, s, bad);
+    const uint4* body = reinterpret_cast<const uint4*>(grad + head);
+    const u64 vecs = (n - head) / E;
+    // Vectors t + jT, j = 0, 1, ...: STATS_VECS per pass (each warp-wide load covers 512 contiguous bytes).
+    u64 i = t;
+    for (; i + (STATS_VECS - 1) * T < vecs; i += STATS_VECS * T) {
+        uint4 x[STATS_VECS];
+#pragma unroll
+        for (int k = 0; k < STATS_VECS; k++) x[k] = body[i + k * T];
+#pragma unroll
+        for (int k = 0; k < STATS_VECS; k++) stats_add_vec<G>(x[k], scale, s, bad);
     }
+    for (; i < vecs; i += T) {
+        const uint4 x = body[i];
+        stats_add_vec<G>(x, scale, s, bad);
+    }
+    const u64 tail = head + vecs * E;  // fewer than E elements from here to n
+    for (u64 j = tail + t; j < n; j += T) stats_add(ld(grad, j) * scale, s, bad);
     sh_sum[threadIdx.x] = s;
     sh_cnt[threadIdx.x] = bad;
     __syncthreads();
@@ -141,12 +181,13 @@ __device__ void grad_stats_impl(const G* grad, u64 n, float scale, double* sums,
                                                           u64 splits) {                                      \
         bias_grad_finish_warp_impl(partial, dbias, channels, splits);                                        \
     }                                                                                                        \
-    extern "C" __global__ void grad_stats_##yn(const Y* grad, u64 n, float scale, double* sums, u64* counts) {\
+    extern "C" __global__ void STATS_BOUNDS                                                                  \
+    grad_stats_##yn(const Y* grad, u64 n, float scale, double* sums, u64* counts) {                          \
         grad_stats_impl(grad, n, scale, sums, counts);                                                       \
     }                                                                                                        \
     /* Backend::step_control's first pass: unscaled by 1 / SCALE of the step-control block, read here. */   \
-    extern "C" __global__ void grad_stats_ctl_##yn(const Y* grad, u64 n, const unsigned* ctl, double* sums,  \
-                                                   u64* counts) {                                            \
+    extern "C" __global__ void STATS_BOUNDS                                                                  \
+    grad_stats_ctl_##yn(const Y* grad, u64 n, const unsigned* ctl, double* sums, u64* counts) {              \
         grad_stats_impl(grad, n, 1.0f / __uint_as_float(ctl[CTL_SCALE]), sums, counts);                      \
     }
 FOR_FLOAT(REDUCE)

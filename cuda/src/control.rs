@@ -28,6 +28,14 @@ const MODE_FIXED: i32 = 1;
 const MODE_DYNAMIC: i32 = 2;
 /// Threads of the step_control kernel (CONTROL_THREADS in kernels/control.cu).
 const CONTROL_THREADS: u32 = 256;
+/// Most blocks per SM of the streaming kernels (grad_stats, the vectorised `*8` optimizer updates): they are
+/// compiled with `__launch_bounds__(256, 4)` (STATS_BOUNDS in kernels/reduce.cu, STREAM_BOUNDS in
+/// kernels/optim.cu), so 4 blocks of 256 threads always fit on an SM together and a grid of at most
+/// `sm_count * 4` blocks runs as one wave: the threads of its grid-stride loop all start at once and do the
+/// same number of passes (or one fewer), with no late second wave.
+const STREAM_BLOCKS_PER_SM: usize = 4;
+/// Bytes one grad_stats thread reads per pass (STATS_VECS 16-byte loads in kernels/reduce.cu).
+const STATS_BYTES_PER_THREAD: usize = 64;
 
 impl CudaBackend {
     /// Checks the control block (an I32 buffer of exactly `control::WORDS` words inside the arena) and returns
@@ -36,6 +44,36 @@ impl CudaBackend {
         check_control(ctl)?;
         self.check(ctl, "step control block")?;
         Ok(self.ptr(ctl))
+    }
+
+    /// Blocks of grad_stats and of step_control's first pass (256 threads each): the same grid for both, so
+    /// the two see the same per-block partials. One pass per thread for short gradients, at most one wave (see
+    /// STREAM_BLOCKS_PER_SM) and MAX_PARTIAL_BLOCKS (the scratch holds that many partials). `grad.len > 0`.
+    pub(crate) fn stats_blocks(&self, grad: Buf) -> usize {
+        (grad.len * grad.dtype.size())
+            .div_ceil(256 * STATS_BYTES_PER_THREAD)
+            .min(MAX_PARTIAL_BLOCKS)
+            .min(self.sm_count as usize * STREAM_BLOCKS_PER_SM)
+    }
+
+    /// Launches an optimizer update: the vectorised `{base8}` kernel when every array in `ptrs` is 16-byte
+    /// aligned, on one wave of 256-thread blocks (8 parameters per thread per pass, at most
+    /// STREAM_BLOCKS_PER_SM blocks per SM), else the scalar `{base}` kernel. Both compute the same bits.
+    pub(crate) fn run_optim(
+        &mut self,
+        (base, base8): (&'static str, &'static str),
+        wt: DType,
+        n: usize,
+        ptrs: &[u64],
+        args: &[Arg],
+    ) -> Result<()> {
+        if n >= 8 && ptrs.iter().all(|p| p % 16 == 0) {
+            let f = self.kernels.get(Family::Optim, base8, Some(wt), None)?;
+            let blocks = n.div_ceil(8 * 256).clamp(1, self.sm_count as usize * STREAM_BLOCKS_PER_SM);
+            launch(&self.stream, f, (blocks as u32, 1, 1), (256, 1, 1), args)
+        } else {
+            self.run(Family::Optim, base, wt, None, n, args)
+        }
     }
 
     /// Zeroes `words` 32-bit words at device address `at` (a checked control block or the scratch), in stream
@@ -185,8 +223,7 @@ pub(crate) fn step_control(be: &mut CudaBackend, ctl: Buf, grad: Buf, loss: Buf,
     be.enter()?;
     // Pass 1, as grad_stats launches it (same blocks, same per-block partials).
     let sums = be.scratch + STATS_SUM_OFF as u64;
-    let parts =
-        if grad.len == 0 { 0 } else { grad.len.div_ceil(256).min(MAX_PARTIAL_BLOCKS).min(be.sm_count as usize * 8) };
+    let parts = if grad.len == 0 { 0 } else { be.stats_blocks(grad) };
     let counts = sums + (parts * 8) as u64;
     if parts > 0 {
         let f = be.kernels.get(Family::Reduce, "grad_stats_ctl", Some(gt), None)?;
@@ -255,7 +292,7 @@ pub(crate) fn adamw_step_gated(be: &mut CudaBackend, p: &ParamBufs, s: &AdamWSte
         Arg::I32(write),
     ];
     let ptrs = [be.ptr(p.master), working, be.ptr(p.grad), be.ptr(p.state1), be.ptr(p.state2)];
-    be.run_vec(Family::Optim, ("adamw_gated", "adamw8_gated"), wt, None, n, &ptrs, &args)
+    be.run_optim(("adamw_gated", "adamw8_gated"), wt, n, &ptrs, &args)
 }
 
 /// `Backend::sgd_step_gated`: the fused SGD kernel, gated by the block, with its gradient multiplier.
@@ -282,5 +319,5 @@ pub(crate) fn sgd_step_gated(be: &mut CudaBackend, p: &ParamBufs, s: &SgdStep, c
         Arg::I32(write),
     ];
     let ptrs = [be.ptr(p.master), working, be.ptr(p.grad), if mom != 0 { mom } else { be.ptr(p.master) }];
-    be.run_vec(Family::Optim, ("sgd_gated", "sgd8_gated"), wt, None, n, &ptrs, &args)
+    be.run_optim(("sgd_gated", "sgd8_gated"), wt, n, &ptrs, &args)
 }

@@ -31,6 +31,7 @@ use mantissa_core::backend::{
 use mantissa_core::control::StepRule;
 use mantissa_core::{Buf, DType, Error, Result};
 
+mod act_grad;
 mod control;
 mod gemm;
 mod graph;
@@ -912,7 +913,7 @@ impl Backend for CudaBackend {
             return Ok(GradStats::default());
         }
         self.enter()?;
-        let blocks = grad.len.div_ceil(256).min(MAX_PARTIAL_BLOCKS).min(self.sm_count as usize * 8);
+        let blocks = self.stats_blocks(grad);
         // The per-block counts follow the per-block sums (u64 after f64, both 8 bytes), so one copy (one wait)
         // brings both back.
         let sums = self.scratch + STATS_SUM_OFF as u64;
@@ -950,7 +951,7 @@ impl Backend for CudaBackend {
             Arg::I32(write),
         ];
         let ptrs = [self.ptr(p.master), working, self.ptr(p.grad), if mom != 0 { mom } else { self.ptr(p.master) }];
-        self.run_vec(Family::Optim, ("sgd", "sgd8"), wt, None, n, &ptrs, &args)
+        self.run_optim(("sgd", "sgd8"), wt, n, &ptrs, &args)
     }
 
     fn adamw_step(&mut self, p: &ParamBufs, s: &AdamWStep) -> Result<()> {
@@ -981,7 +982,7 @@ impl Backend for CudaBackend {
             Arg::I32(write),
         ];
         let ptrs = [self.ptr(p.master), working, self.ptr(p.grad), self.ptr(p.state1), self.ptr(p.state2)];
-        self.run_vec(Family::Optim, ("adamw", "adamw8"), wt, None, n, &ptrs, &args)
+        self.run_optim(("adamw", "adamw8"), wt, n, &ptrs, &args)
     }
 
     fn synchronize(&mut self) -> Result<()> {
@@ -1043,7 +1044,7 @@ impl Backend for CudaBackend {
 }
 
 fn act_code(act: Activation) -> i32 {
-    // ACT_RELU / ACT_GELU_TANH in kernels/elementwise.cu.
+    // ACT_RELU / ACT_GELU_TANH in kernels/common.cuh.
     match act {
         Activation::Relu => 0,
         Activation::GeluTanh => 1,

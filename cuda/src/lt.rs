@@ -8,12 +8,17 @@
 //! | `ActGrad` (GELU), no `dbias`     | `CUBLASLT_EPILOGUE_DGELU`              | `pre` is the aux input         |
 //! | `ActGrad` (GELU), `dbias`        | `CUBLASLT_EPILOGUE_DGELU_BGRAD`        | `pre` aux input; dbias output  |
 //!
-//! `ActGrad` runs composed unless [`CudaBackend::set_fuse_act_grad`] turns it on: on the H200 its epilogue
-//! GEMM is no faster than the GEMM and the element-wise kernels (the numbers are on that method). With
-//! [`CudaBackend::set_skinny_all`] and `k <= 16` (where `gemm` itself then takes the small-k kernel of
-//! `kernels/skinny.cu`) `ActGrad` runs that kernel with the activation backward fused in, then `bias_grad`:
-//! the same values as composed, bit for bit, in one pass over `pre` and C (not counted in
-//! [`CudaBackend::fused_epilogue_calls`]; off by default: no faster on the H200, numbers on that method).
+//! Which version runs is measured, per problem, at its first call outside a recording
+//! ([`CudaBackend::set_autotune`], on by default): up to eight of the heuristic's algorithms and the composed
+//! version (the GEMM, then the bias/activation kernels; for `ActGrad` the GELU backward and the bias gradient
+//! in one pass, `act_grad.rs`), the fastest kept. Without a measurement (autotune off, or a problem first seen
+//! while recording) a problem takes the heuristic's first algorithm, and `ActGrad` runs composed unless
+//! [`CudaBackend::set_fuse_act_grad`]. With [`CudaBackend::set_skinny_all`] and `k <= 16` (where `gemm` itself
+//! then takes the small-k kernel of `kernels/skinny.cu`) `ActGrad` runs that kernel with the activation backward
+//! fused in, then `bias_grad` (not counted in [`CudaBackend::fused_epilogue_calls`]; off by default: no faster
+//! on the H200, numbers on that method).
+//!
+//! f32 GEMMs run here too, with `CUBLAS_COMPUTE_32F`: strict f32 products and sums (no TF32), as the cuBLAS path.
 //!
 //! cuBLASLt 13.1 takes the bias and the bias gradient only in C's dtype ("unsupported config of bias pointer
 //! type" for an f32 vector with a 16-bit C). A bias in f32 is then composed; a bias gradient in f32 (what the
@@ -26,16 +31,17 @@
 //! The aux matrix (`pre`) has C's layout, so its leading dimension is `n` (cuBLASLt wants a multiple of 8).
 //!
 //! The fused path rounds to 16 bits once where the composed one rounds every intermediate; the bias gradient
-//! sums f32 values instead of rounded ones. Everything cuBLASLt does not take here (ReLU, f32 GEMMs, a C dtype
+//! sums f32 values instead of rounded ones. Everything cuBLASLt does not take here (ReLU, a C dtype
 //! other than the inputs', a vector dtype other than C's or f32, unaligned `pre` or vectors, `n % 8 != 0` with
 //! an aux matrix, empty problems, overlapping vectors, or no libcublasLt at all) runs
-//! [`gemm_fused_composed`], the specification, on the same backend.
+//! the composed version on the same backend.
 //!
-//! Steady state: one descriptor, three layouts and the heuristic's algorithm are cached per problem (shape,
-//! transposes, dtypes, epilogue, pointer alignments), so a call only sets the two epilogue pointers on the
-//! cached descriptor and enqueues `cublasLtMatmul` with the backend's workspace: no synchronisation and no
+//! Steady state: one descriptor, three layouts, the heuristic's algorithms and the choice are cached per problem
+//! (shape, transposes, dtypes, epilogue, pointer alignments), so a call only sets the two epilogue pointers on
+//! the cached descriptor and enqueues `cublasLtMatmul` with the backend's workspace: no synchronisation and no
 //! device allocation, so it may be captured into a CUDA graph. The first call of a problem builds its entry
-//! (host work only: descriptor creation and the heuristic query).
+//! (descriptor creation and the heuristic query) and, outside a recording, times the candidates (it waits for
+//! the device then: the trainer runs a shape's first step directly and records from the second).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -68,12 +74,18 @@ const SYMBOLS: [&str; 12] = [
 /// GEMM is composed.
 pub(crate) struct Lt {
     handle: Option<sys::cublasLtHandle_t>,
-    /// `None`: cuBLASLt offered no algorithm for the problem (asked once; composed from then on).
+    /// `None`: cuBLASLt offered no algorithm for the variant (asked once).
     plans: HashMap<Key, Option<Plan>>,
+    /// What each problem runs, once measured (or, without autotune, decided).
+    choices: HashMap<Problem, Choice>,
     /// GEMMs whose epilogue ran inside cuBLASLt.
     fused: u64,
-    /// Whether `ActGrad` runs in cuBLASLt (see [`CudaBackend::set_fuse_act_grad`]).
+    /// Whether `ActGrad` runs in cuBLASLt where nothing was measured (see [`CudaBackend::set_fuse_act_grad`]).
     act_grad: bool,
+    /// Whether a problem's first call outside a recording times its candidates (see [`CudaBackend::set_autotune`]).
+    autotune: bool,
+    /// One line per tuned problem, in the order they were tuned.
+    log: Vec<String>,
 }
 
 impl Lt {
@@ -96,13 +108,22 @@ impl Lt {
         })
         .ok()
         .flatten();
-        Lt { handle, plans: HashMap::new(), fused: 0, act_grad: false }
+        Lt {
+            handle,
+            plans: HashMap::new(),
+            choices: HashMap::new(),
+            fused: 0,
+            act_grad: false,
+            autotune: true,
+            log: Vec::new(),
+        }
     }
 }
 
 impl Drop for Lt {
     fn drop(&mut self) {
         self.plans.clear();
+        self.choices.clear();
         if let Some(h) = self.handle.take() {
             // SAFETY: created in `open`, destroyed once; the descriptors made with it are gone (cleared above).
             let _ = unsafe { sys::cublasLtDestroy(h) };
@@ -126,6 +147,37 @@ impl CudaBackend {
     pub fn set_fuse_act_grad(&mut self, on: bool) {
         self.lt.act_grad = on;
     }
+
+    /// Whether a fused GEMM's first call outside a recording measures its candidates and keeps the fastest for
+    /// that problem (on by default, like PyTorch's TunableOp or cuDNN's benchmark mode, which are opt-in there):
+    /// up to [`TUNE_CANDIDATES`] algorithms from cuBLASLt's heuristic, and the composed version (the GEMM, then
+    /// the bias or activation kernels). Each runs once to warm up, then [`TUNE_REPS`] times between two events,
+    /// twice; the lowest mean wins. The output is then computed once more by the winner, so the call's result is
+    /// the winner's. Off, or while recording, a problem takes the heuristic's first algorithm (`ActGrad`: composed
+    /// unless [`CudaBackend::set_fuse_act_grad`]). The choice can differ between runs where two candidates time
+    /// alike, and different algorithms sum in different orders: turn this off for bit-for-bit reproducible runs.
+    pub fn set_autotune(&mut self, on: bool) {
+        self.lt.autotune = on;
+    }
+
+    /// One line per problem tuned so far (`lt_tune: problem=... chosen=... ms=...`), for reports.
+    pub fn tuning_log(&self) -> &[String] {
+        &self.lt.log
+    }
+}
+
+/// How many of cuBLASLt's heuristic results a tuned problem times.
+pub const TUNE_CANDIDATES: usize = 8;
+/// Calls per timed sample when tuning.
+pub const TUNE_REPS: usize = 3;
+
+/// What a cached problem runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Choice {
+    /// cuBLASLt: the problem's variant of this index, with its plan's algorithm of that index.
+    Lt { variant: usize, algo: usize },
+    /// The composed version: cuBLAS's GEMM, then the epilogue's kernels.
+    Composed,
 }
 
 /// One cached problem. Owns its descriptors.
@@ -133,7 +185,8 @@ struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     /// cuBLASLt's A (our B), its B (our A), and C/D.
     layouts: [sys::cublasLtMatrixLayout_t; 3],
-    algo: sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's algorithms, best guess first (at least one).
+    algos: Vec<sys::cublasLtMatmulAlgo_t>,
 }
 
 impl Drop for Plan {
@@ -180,6 +233,22 @@ struct Call {
     vector: Option<Buf>,
     /// The pre-activation `[m, n]`: written by GELU_AUX_BIAS, read by DGELU.
     aux: Option<Buf>,
+    /// What runs after the GEMM.
+    post: Post,
+}
+
+/// The kernels that finish a cuBLASLt variant after its GEMM.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Post {
+    None,
+    /// `bias_grad` of C (DGELU standing in for DGELU_BGRAD).
+    BiasGrad,
+    /// The GEMM (bias epilogue) wrote the pre-activation; the backend's activation kernel computes C from it
+    /// (f32 `BiasAct`: cuBLASLt's GELU may use the hardware tanh approximation, which strict f32 does not take).
+    Act,
+    /// The GEMM wrote dy into C; the activation backward and the bias gradient follow as one pass
+    /// (`act_grad.rs`), as in the composed version.
+    ActGradBias,
 }
 
 fn lt_type(d: DType) -> sys::cudaDataType {
@@ -237,14 +306,15 @@ fn validate(capacity: usize, g: &Gemm, ep: &Epilogue) -> Result<()> {
     }
 }
 
-/// The cuBLASLt form of a validated fused GEMM, or `None` where it runs composed.
-fn fusable(g: &Gemm, ep: &Epilogue) -> Option<Call> {
+/// The cuBLASLt forms of a validated fused GEMM, the epilogue-inside ones first; empty where it only runs
+/// composed.
+fn candidates(g: &Gemm, ep: &Epilogue) -> Vec<Call> {
     let dt = g.a.dtype;
     let int = |v: usize| v <= i32::MAX as usize;
     let lds = g.ldb >= (if g.trans_b { g.k } else { g.n }) && g.lda >= (if g.trans_a { g.m } else { g.k });
     let shape = g.m > 0 && g.n > 0 && g.k > 0 && [g.m, g.n, g.k, g.lda, g.ldb].into_iter().all(int) && lds;
-    if !matches!(dt, DType::BF16 | DType::F16) || g.c.dtype != dt || !shape {
-        return None;
+    if !matches!(dt, DType::BF16 | DType::F16 | DType::F32) || g.c.dtype != dt || !shape {
+        return Vec::new();
     }
     // Vectors in C's dtype or f32, 16-byte aligned, not overlapping what the GEMM writes.
     let vector_ok = |v: Buf, written: &[Buf]| {
@@ -253,22 +323,37 @@ fn fusable(g: &Gemm, ep: &Epilogue) -> Option<Call> {
     // The aux matrix: 16-byte aligned, leading dimension (n) a multiple of 8.
     let aux_ok = |pre: Buf| pre.offset % 16 == 0 && g.n % 8 == 0;
     use sys::cublasLtEpilogue_t as E;
+    let call = |epilogue, vector, aux, post| Call { epilogue, vector, aux, post };
+    let mut out = Vec::new();
     match *ep {
         Epilogue::Bias { bias } if vector_ok(bias, &[g.c]) => {
-            Some(Call { epilogue: E::CUBLASLT_EPILOGUE_BIAS, vector: Some(bias), aux: None })
+            out.push(call(E::CUBLASLT_EPILOGUE_BIAS, Some(bias), None, Post::None))
+        }
+        // Strict f32: only the bias inside cuBLASLt (an exact f32 add, one rounding fewer than composed).
+        Epilogue::BiasAct { bias, pre, .. } if dt == DType::F32 && vector_ok(bias, &[g.c, pre]) => {
+            out.push(call(E::CUBLASLT_EPILOGUE_BIAS, Some(bias), None, Post::Act))
         }
         Epilogue::BiasAct { bias, act: Activation::GeluTanh, pre } if vector_ok(bias, &[g.c, pre]) && aux_ok(pre) => {
-            Some(Call { epilogue: E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS, vector: Some(bias), aux: Some(pre) })
+            out.push(call(E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS, Some(bias), Some(pre), Post::None))
         }
-        Epilogue::ActGrad { act: Activation::GeluTanh, pre, dbias } if aux_ok(pre) => match dbias {
-            None => Some(Call { epilogue: E::CUBLASLT_EPILOGUE_DGELU, vector: None, aux: Some(pre) }),
-            Some(db) if vector_ok(db, &[g.c, g.a, g.b, pre]) => {
-                Some(Call { epilogue: E::CUBLASLT_EPILOGUE_DGELU_BGRAD, vector: Some(db), aux: Some(pre) })
+        Epilogue::ActGrad { act, pre, dbias } => {
+            if dt != DType::F32 && act == Activation::GeluTanh && aux_ok(pre) {
+                match dbias {
+                    None => out.push(call(E::CUBLASLT_EPILOGUE_DGELU, None, Some(pre), Post::None)),
+                    Some(db) => {
+                        if vector_ok(db, &[g.c, g.a, g.b, pre]) {
+                            out.push(call(E::CUBLASLT_EPILOGUE_DGELU_BGRAD, Some(db), Some(pre), Post::None));
+                        }
+                        out.push(call(E::CUBLASLT_EPILOGUE_DGELU, None, Some(pre), Post::BiasGrad));
+                    }
+                }
             }
-            Some(_) => None,
-        },
-        _ => None,
+            // The composed version with the GEMM in cuBLASLt (whose algorithms can be timed).
+            out.push(call(E::CUBLASLT_EPILOGUE_DEFAULT, None, None, Post::ActGradBias));
+        }
+        _ => {}
     }
+    out
 }
 
 /// [`mantissa_core::Backend::gemm_fused`] for the CUDA backend.
@@ -284,31 +369,224 @@ pub(crate) fn gemm_fused(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue) -> Resul
             };
         }
     }
-    let act_grad = matches!(ep, Epilogue::ActGrad { .. });
-    let call = fusable(g, ep).filter(|_| be.lt.act_grad || !act_grad);
-    let (Some(handle), Some(call)) = (be.lt.handle, call) else {
-        return gemm_fused_composed(be, g, ep);
+    let Some(handle) = be.lt.handle else {
+        return composed(be, g, ep);
     };
     be.enter()?;
-    if matmul(be, handle, g, call)? {
-        be.lt.fused += 1;
-        return Ok(());
+    // The variants cuBLASLt has an algorithm for (asked once per variant).
+    let variants: Vec<Variant> = candidates(g, ep)
+        .into_iter()
+        .filter_map(|call| plan(be, handle, &lt_gemm(g, ep, call), call).map(|key| Variant { handle, key, call }))
+        .collect();
+    if variants.is_empty() {
+        return composed(be, g, ep);
     }
-    // No DGELU_BGRAD algorithm for this bias-gradient dtype: DGELU inside the GEMM, the bias gradient after it
-    // (it then sums the rounded C, as the composed version does).
-    if let (sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DGELU_BGRAD, Some(db)) = (call.epilogue, call.vector) {
-        let dgelu = Call { epilogue: sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DGELU, vector: None, ..call };
-        if matmul(be, handle, g, dgelu)? {
-            be.lt.fused += 1;
-            return mantissa_core::Backend::bias_grad(be, g.c.prefix(g.m * g.n), db, g.m, g.n, 1);
+    let problem = problem(g, ep);
+    let choice = match be.lt.choices.get(&problem).copied() {
+        Some(c) => c,
+        None if be.lt.autotune && !be.graphs.recording() => {
+            let c = tune(be, g, ep, &variants)?;
+            be.lt.choices.insert(problem, c);
+            c
         }
+        // Not measured: the epilogue inside cuBLASLt with the heuristic's first algorithm; ActGrad composed
+        // unless set_fuse_act_grad.
+        None => match *ep {
+            Epilogue::ActGrad { .. } if !be.lt.act_grad => Choice::Composed,
+            Epilogue::ActGrad { .. } => variants
+                .iter()
+                .position(|v| v.call.aux.is_some())
+                .map_or(Choice::Composed, |v| Choice::Lt { variant: v, algo: 0 }),
+            _ => Choice::Lt { variant: 0, algo: 0 },
+        },
+    };
+    run(be, g, ep, &variants, choice)?;
+    if let Choice::Lt { .. } = choice {
+        be.lt.fused += 1;
     }
-    gemm_fused_composed(be, g, ep)
+    Ok(())
 }
 
-/// Enqueues the fused GEMM; `Ok(false)` when cuBLASLt has no algorithm for it (nothing was enqueued).
-fn matmul(be: &mut CudaBackend, handle: sys::cublasLtHandle_t, g: &Gemm, call: Call) -> Result<bool> {
-    let key = Key {
+/// A fused GEMM in one of its cuBLASLt forms, with a plan in the cache under `key`.
+#[derive(Clone, Copy)]
+struct Variant {
+    handle: sys::cublasLtHandle_t,
+    key: Key,
+    call: Call,
+}
+
+/// What a fused GEMM problem (shape, layout, dtypes, epilogue, alignments) runs, once measured or decided.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Problem {
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
+    trans: (bool, bool),
+    dtypes: (DType, DType),
+    /// 0 Bias, 1 BiasAct, 2 ActGrad; then the activation's code (-1: none).
+    kind: (u8, i32),
+    /// The vector's dtype, if any.
+    vector: Option<DType>,
+    /// Alignment of A, B, C, the vector and `pre`.
+    align: [u32; 5],
+}
+
+fn problem(g: &Gemm, ep: &Epilogue) -> Problem {
+    let (kind, vector, pre) = match *ep {
+        Epilogue::Bias { bias } => ((0, -1), Some(bias), None),
+        Epilogue::BiasAct { bias, act, pre } => ((1, crate::act_code(act)), Some(bias), Some(pre)),
+        Epilogue::ActGrad { act, pre, dbias } => ((2, crate::act_code(act)), dbias, Some(pre)),
+    };
+    Problem {
+        m: g.m,
+        n: g.n,
+        k: g.k,
+        lda: g.lda,
+        ldb: g.ldb,
+        trans: (g.trans_a, g.trans_b),
+        dtypes: (g.a.dtype, g.c.dtype),
+        kind,
+        vector: vector.map(|v| v.dtype),
+        align: [align(Some(g.a)), align(Some(g.b)), align(Some(g.c)), align(vector), align(pre)],
+    }
+}
+
+/// The composed version of a fused GEMM: [`gemm_fused_composed`] (the specification), except that the GELU
+/// backward and the bias gradient run as one pass ([`crate::act_grad::act_grad_bias`]: the same `dx` bit for
+/// bit, the bias gradient summed in another order).
+fn composed(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue) -> Result<()> {
+    match *ep {
+        Epilogue::ActGrad { act, pre, dbias } => {
+            be.enter()?;
+            mantissa_core::Backend::gemm(be, g)?;
+            let len = g.m * g.n;
+            crate::act_grad::act_grad_bias(be, act, pre.prefix(len), g.c.prefix(len), dbias, g.m, g.n)
+        }
+        _ => gemm_fused_composed(be, g, ep),
+    }
+}
+
+/// Runs `choice`.
+fn run(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant], choice: Choice) -> Result<()> {
+    let Choice::Lt { variant, algo } = choice else {
+        return composed(be, g, ep);
+    };
+    let v = *variants.get(variant).ok_or(Error::InvalidConfig("internal: no such cuBLASLt variant"))?;
+    matmul(be, &lt_gemm(g, ep, v.call), v, algo)?;
+    let len = g.m * g.n;
+    match (v.call.post, *ep) {
+        (Post::None, _) => Ok(()),
+        (Post::BiasGrad, Epilogue::ActGrad { dbias: Some(db), .. }) => {
+            mantissa_core::Backend::bias_grad(be, g.c.prefix(len), db, g.m, g.n, 1)
+        }
+        (Post::Act, Epilogue::BiasAct { act, pre, .. }) => {
+            mantissa_core::Backend::activation(be, act, pre.prefix(len), g.c.prefix(len))
+        }
+        (Post::ActGradBias, Epilogue::ActGrad { act, pre, dbias }) => {
+            crate::act_grad::act_grad_bias(be, act, pre.prefix(len), g.c.prefix(len), dbias, g.m, g.n)
+        }
+        _ => Err(Error::InvalidConfig("internal: a cuBLASLt variant for another epilogue")),
+    }
+}
+
+/// Mean milliseconds of one call of `f` on the backend's stream: once to warm up, then the best of two samples
+/// of [`TUNE_REPS`] calls between two events.
+fn time(be: &mut CudaBackend, mut f: impl FnMut(&mut CudaBackend) -> Result<()>) -> Result<f32> {
+    f(be)?;
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut best = f32::INFINITY;
+    for _ in 0..2 {
+        let start = be.stream.record_event(flags).map_err(crate::driver("cuEventRecord"))?;
+        for _ in 0..TUNE_REPS {
+            f(be)?;
+        }
+        let end = be.stream.record_event(flags).map_err(crate::driver("cuEventRecord"))?;
+        best = best.min(start.elapsed_ms(&end).map_err(crate::driver("cuEventElapsedTime"))? / TUNE_REPS as f32);
+    }
+    Ok(best)
+}
+
+/// Times every candidate of a problem (see [`CudaBackend::set_autotune`]) and logs the outcome; returns the
+/// fastest. Algorithms cuBLASLt refuses at run time are left out; the composed version always runs. Every
+/// candidate overwrites C (and `pre` or the bias gradient) completely (alpha 1, beta 0, checked by `validate`),
+/// so the caller's final run leaves the winner's result.
+fn tune(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant]) -> Result<Choice> {
+    let composed_ms = time(be, |be| composed(be, g, ep))?;
+    let mut best = (composed_ms, Choice::Composed);
+    let mut report = Vec::with_capacity(variants.len());
+    for (vi, v) in variants.iter().enumerate() {
+        let count = be.lt.plans.get(&v.key).and_then(|p| p.as_ref()).map_or(0, |p| p.algos.len());
+        let mut times = Vec::with_capacity(count);
+        for algo in 0..count {
+            let choice = Choice::Lt { variant: vi, algo };
+            let ms = time(be, |be| run(be, g, ep, variants, choice)).ok();
+            if let Some(ms) = ms {
+                if ms < best.0 {
+                    best = (ms, choice);
+                }
+            }
+            times.push(ms.map_or("refused".to_string(), |ms| format!("{ms:.4}")));
+        }
+        report.push(format!("{}=[{}]", variant_name(v.call), times.join(",")));
+    }
+    let chosen = match best.1 {
+        Choice::Lt { variant, algo } => format!("{}#{algo}", variant_name(variants[variant].call)),
+        Choice::Composed => "composed".to_string(),
+    };
+    be.lt.log.push(format!(
+        "lt_tune: problem={}x{}x{} {}{} {:?}->{:?} {} chosen={chosen} chosen_ms={:.4} composed_ms={composed_ms:.4} {}",
+        g.m,
+        g.n,
+        g.k,
+        if g.trans_a { 'T' } else { 'N' },
+        if g.trans_b { 'T' } else { 'N' },
+        g.a.dtype,
+        g.c.dtype,
+        match ep {
+            Epilogue::Bias { .. } => "Bias",
+            Epilogue::BiasAct { .. } => "BiasAct",
+            Epilogue::ActGrad { dbias: Some(_), .. } => "ActGrad+dbias",
+            Epilogue::ActGrad { .. } => "ActGrad",
+        },
+        best.0,
+        report.join(" "),
+    ));
+    Ok(best.1)
+}
+
+/// A short name of a cuBLASLt variant, for the tuning log.
+fn variant_name(call: Call) -> String {
+    use sys::cublasLtEpilogue_t as E;
+    let e = match call.epilogue {
+        E::CUBLASLT_EPILOGUE_BIAS => "BIAS",
+        E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS => "GELU_AUX_BIAS",
+        E::CUBLASLT_EPILOGUE_DGELU => "DGELU",
+        E::CUBLASLT_EPILOGUE_DGELU_BGRAD => "DGELU_BGRAD",
+        E::CUBLASLT_EPILOGUE_DEFAULT => "DEFAULT",
+        _ => "other",
+    };
+    let post = match call.post {
+        Post::None => "",
+        Post::BiasGrad => "+bias_grad",
+        Post::Act => "+activation",
+        Post::ActGradBias => "+act_grad_bias",
+    };
+    format!("{e}{post}")
+}
+
+/// The GEMM cuBLASLt runs for a call: into the pre-activation where the activation follows as a kernel.
+fn lt_gemm(g: &Gemm, ep: &Epilogue, call: Call) -> Gemm {
+    match (call.post, *ep) {
+        (Post::Act, Epilogue::BiasAct { pre, .. }) => Gemm { c: pre, ldc: g.n, ..*g },
+        _ => *g,
+    }
+}
+
+/// The cache key of a call.
+fn key(g: &Gemm, call: Call) -> Key {
+    Key {
         m: g.m,
         n: g.n,
         k: g.k,
@@ -320,17 +598,32 @@ fn matmul(be: &mut CudaBackend, handle: sys::cublasLtHandle_t, g: &Gemm, call: C
         epilogue: call.epilogue,
         vector: call.vector.map(|v| v.dtype),
         align: [align(Some(g.a)), align(Some(g.b)), align(Some(g.c)), align(call.vector), align(call.aux)],
-    };
+    }
+}
+
+/// Finds or builds the plan of a call; `None` when cuBLASLt offers no algorithm for it (asked once).
+fn plan(be: &mut CudaBackend, handle: sys::cublasLtHandle_t, g: &Gemm, call: Call) -> Option<Key> {
+    let key = key(g, call);
+    let vector = call.vector.map_or(0, |v| be.ptr(v));
+    let aux = call.aux.map_or(0, |p| be.ptr(p));
+    // SAFETY: host-side descriptor work on a live handle; the pointers are only used for their alignment.
+    let plan = be.lt.plans.entry(key).or_insert_with(|| unsafe { build(handle, g, &key, vector, aux) });
+    plan.as_ref().map(|_| key)
+}
+
+/// Enqueues the fused GEMM of `v` with the plan's algorithm `algo`.
+fn matmul(be: &mut CudaBackend, g: &Gemm, v: Variant, algo: usize) -> Result<()> {
+    let call = v.call;
     let (a, b, c) = (be.ptr(g.a), be.ptr(g.b), be.ptr(g.c));
     let vector = call.vector.map_or(0, |v| be.ptr(v));
     let aux = call.aux.map_or(0, |p| be.ptr(p));
     // The workspace sits just before the scratch in the backend's allocation (shared with cuBLAS: one stream).
     let workspace = be.scratch - WORKSPACE_BYTES as u64;
-    // SAFETY: host-side descriptor work on a live handle; the pointers are only used for their alignment.
-    let plan = be.lt.plans.entry(key).or_insert_with(|| unsafe { build(handle, g, &key, vector, aux) });
-    let Some(plan) = plan else {
-        return Ok(false);
+    let stream = be.stream.cu_stream() as sys::cudaStream_t;
+    let Some(Some(plan)) = be.lt.plans.get(&v.key) else {
+        return Err(Error::InvalidConfig("internal: a fused GEMM ran without its plan"));
     };
+    let algo = plan.algos.get(algo).ok_or(Error::InvalidConfig("internal: no such cuBLASLt algorithm"))?;
     let (alpha, beta) = (1.0f32, 0.0f32);
     // SAFETY: the plan's descriptors are live (owned by the cache); every operand was validated against the
     // arena (A, B, C, `pre` for `m * n` elements, the vector for `n`); the epilogue pointers are set on the
@@ -339,7 +632,7 @@ fn matmul(be: &mut CudaBackend, handle: sys::cublasLtHandle_t, g: &Gemm, call: C
     let status = unsafe {
         set_pointers(plan.desc, vector, aux).and_then(|_| {
             sys::cublasLtMatmul(
-                handle,
+                v.handle,
                 plan.desc,
                 &alpha as *const f32 as *const c_void,
                 b as *const c_void,
@@ -351,16 +644,15 @@ fn matmul(be: &mut CudaBackend, handle: sys::cublasLtHandle_t, g: &Gemm, call: C
                 plan.layouts[2],
                 c as *mut c_void,
                 plan.layouts[2],
-                &plan.algo,
+                algo,
                 workspace as *mut c_void,
                 WORKSPACE_BYTES,
-                be.stream.cu_stream() as sys::cudaStream_t,
+                stream,
             )
             .result()
         })
     };
-    status.map_err(|e| Error::Device { what: "cublasLtMatmul", code: e.0 as i32 })?;
-    Ok(true)
+    status.map_err(|e| Error::Device { what: "cublasLtMatmul", code: e.0 as i32 })
 }
 
 /// # Safety
@@ -402,11 +694,7 @@ unsafe fn set_pointers(
 unsafe fn build(handle: sys::cublasLtHandle_t, g: &Gemm, key: &Key, vector: u64, aux: u64) -> Option<Plan> {
     use sys::cublasLtMatmulDescAttributes_t as A;
     use sys::cublasLtMatmulPreferenceAttributes_t as P;
-    let mut plan = Plan {
-        desc: std::ptr::null_mut(),
-        layouts: [std::ptr::null_mut(); 3],
-        algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
-    };
+    let mut plan = Plan { desc: std::ptr::null_mut(), layouts: [std::ptr::null_mut(); 3], algos: Vec::new() };
     // f32 accumulation and f32 alpha/beta, as the cuBLAS GEMMs.
     sys::cublasLtMatmulDescCreate(
         &mut plan.desc,
@@ -455,7 +743,8 @@ unsafe fn build(handle: sys::cublasLtHandle_t, g: &Gemm, key: &Key, vector: u64,
         set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c),
         set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c),
     ];
-    let mut result = std::mem::MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::zeroed();
+    // SAFETY (of zeroed): a plain C struct of integers and byte arrays, for which all-zero bytes are valid.
+    let mut results = vec![std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>(); TUNE_CANDIDATES];
     let mut count = 0;
     let found = prefs.iter().all(|r| r.is_ok())
         && sys::cublasLtMatmulAlgoGetHeuristic(
@@ -466,8 +755,8 @@ unsafe fn build(handle: sys::cublasLtHandle_t, g: &Gemm, key: &Key, vector: u64,
             plan.layouts[2],
             plan.layouts[2],
             pref,
-            1,
-            result.as_mut_ptr(),
+            TUNE_CANDIDATES as i32,
+            results.as_mut_ptr(),
             &mut count,
         )
         .result()
@@ -477,12 +766,16 @@ unsafe fn build(handle: sys::cublasLtHandle_t, g: &Gemm, key: &Key, vector: u64,
     if !found {
         return None;
     }
-    // SAFETY (of assume_init): the heuristic wrote `count >= 1` results.
-    let result = result.assume_init();
-    if result.state.result().is_err() || result.workspaceSize > WORKSPACE_BYTES {
+    // The heuristic wrote `count` results, best first; keep those it reports usable within our workspace.
+    plan.algos = results
+        .iter()
+        .take(count.max(0) as usize)
+        .filter(|r| r.state.result().is_ok() && r.workspaceSize <= WORKSPACE_BYTES)
+        .map(|r| r.algo)
+        .collect();
+    if plan.algos.is_empty() {
         return None;
     }
-    plan.algo = result.algo;
     Some(plan)
 }
 

@@ -1,0 +1,153 @@
+//! The activation backward fused with the bias gradient (`kernels/act_grad.cu`): `dx = dy * act'(pre)` written
+//! over `dy` and `dbias[c] = sum_r dx[r, c]`, in one pass over the data (read `pre` and `dy`, write `dx`, per-split
+//! column sums into the scratch) and a small finishing pass over the partial sums. It is what the composed
+//! [`Epilogue::ActGrad`](mantissa_core::backend::Epilogue::ActGrad) tail computes with `activation_backward`
+//! then `bias_grad`, which reads C twice (on the H200 that tail took ~0.1 ms for `[8192, 4096]` bf16, about twice
+//! the memory-bandwidth bound).
+//!
+//! - dx: bit-identical to `activation_backward` (the same device function and expression per element).
+//! - dbias: sums in f32 of dx as stored (rounded to dy's dtype, widened back), so it differs from `bias_grad`
+//!   on the same dx only by the order of the f32 additions. Deterministic: no atomics, and a launch shape that
+//!   depends only on the problem and the device.
+
+use cudarc::driver::result as cur;
+use mantissa_core::backend::Activation;
+use mantissa_core::{Backend, Buf, Error, Result};
+
+use crate::kernels::{launch, Arg, Family};
+use crate::{CudaBackend, BIG_BYTES, BIG_OFF};
+
+/// Thread rows per block (`AG_BY` in `kernels/act_grad.cu`): blocks are `(32, ROWS)`, 256 threads.
+const ROWS: u32 = 8;
+/// The fewest rows a split gets (two iterations of the kernel's two-row loop per thread row): shorter splits add
+/// partial sums to write and to add up without spreading the work any better.
+const MIN_ROWS: usize = 32;
+/// Waves of resident blocks the first pass aims for: more than one so that blocks that finish late (DRAM
+/// contention is not even across multiprocessors) leave less of the machine idle.
+const WAVES: usize = 2;
+
+impl CudaBackend {
+    /// `dx = dy * act'(pre)` over `[m, n]`, written over `dy`, and with `dbias` its column sums `dbias[c] =
+    /// sum_r dx[r, c]`, in one pass over the data plus a small deterministic finishing pass: what
+    /// `activation_backward(act, pre, dy, dy)` then `bias_grad(dy, dbias, m, n, 1)` compute, reading `dy` once.
+    ///
+    /// - `pre` and `dy`: the same float dtype, at least `m * n` elements; `pre` may be `dy` itself, but no other
+    ///   overlap. `dbias`: any float dtype, at least `n` elements, not overlapping `pre` or `dy`.
+    /// - dx is bit-identical to [`Backend::activation_backward`]'s. dbias sums the rounded dx values (as
+    ///   stored, widened to f32) in f32, as [`Backend::bias_grad`] does, in another (fixed) order: the two differ
+    ///   by f32 summation order only. Repeated calls give the same bits.
+    /// - `m == 0` zeroes `dbias`; `dbias` of `None` is `activation_backward` itself.
+    pub fn activation_backward_bias_grad(
+        &mut self,
+        act: Activation,
+        pre: Buf,
+        dy: Buf,
+        dbias: Option<Buf>,
+        m: usize,
+        n: usize,
+    ) -> Result<()> {
+        act_grad_bias(self, act, pre, dy, dbias, m, n)
+    }
+}
+
+/// See [`CudaBackend::activation_backward_bias_grad`]: validates every handle, then runs the fused kernels
+/// (or `activation_backward` when there is no `dbias`).
+pub(crate) fn act_grad_bias(
+    be: &mut CudaBackend,
+    act: Activation,
+    pre: Buf,
+    dy: Buf,
+    dbias: Option<Buf>,
+    m: usize,
+    n: usize,
+) -> Result<()> {
+    be.check(pre, "act_grad_bias pre")?;
+    be.check(dy, "act_grad_bias dy")?;
+    let len = m.checked_mul(n).ok_or(Error::ShapeMismatch {
+        what: "act_grad_bias m * n",
+        expected: dy.len,
+        got: usize::MAX,
+    })?;
+    CudaBackend::check_len(pre, len, "act_grad_bias pre")?;
+    CudaBackend::check_len(dy, len, "act_grad_bias dy")?;
+    let t = CudaBackend::float(dy, "act_grad_bias dy")?;
+    if pre.dtype != t {
+        return Err(Error::UnsupportedDType { what: "act_grad_bias pre (must match dy)", dtype: pre.dtype });
+    }
+    let (pre, dy) = (pre.prefix(len), dy.prefix(len));
+    // Shifted overlap would have threads read elements other threads have already overwritten.
+    if pre.overlaps(&dy) && pre.offset != dy.offset {
+        return Err(Error::InvalidConfig("act_grad_bias: pre overlaps dy (only pre == dy is allowed)"));
+    }
+    let Some(db) = dbias else {
+        // Nothing to sum: exactly activation_backward (dx over dy).
+        return if len == 0 { Ok(()) } else { be.activation_backward(act, pre, dy, dy) };
+    };
+    be.check(db, "act_grad_bias dbias")?;
+    CudaBackend::check_len(db, n, "act_grad_bias dbias")?;
+    let bt = CudaBackend::float(db, "act_grad_bias dbias")?;
+    let db = db.prefix(n);
+    if db.overlaps(&pre) || db.overlaps(&dy) {
+        return Err(Error::InvalidConfig("act_grad_bias: dbias overlaps pre or dy"));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    be.enter()?;
+    if m == 0 {
+        return be.memset(db, 0.0);
+    }
+
+    let (pp, dp) = (be.ptr(pre), be.ptr(dy));
+    // 16-byte groups (8 16-bit or 4 f32 elements) where every row starts on one: n a multiple of the group and
+    // both arrays 16-byte aligned (the arena's base is 256-byte aligned, so this is the Bufs' byte offsets).
+    let group = 16 / t.size();
+    let vec = n % group == 0 && pp % 16 == 0 && dp % 16 == 0;
+    let (name, per_thread) = if vec { ("act_grad_bias16", group) } else { ("act_grad_bias", 1) };
+    let tile = 32 * per_thread;
+    let f = be.kernels.get(Family::ActGrad, name, Some(t), None)?;
+    let finish = be.kernels.get(Family::ActGrad, "act_grad_finish", Some(bt), None)?;
+    // Blocks of this kernel one multiprocessor holds at once (registers decide it); the grid is sized from it.
+    // SAFETY: `f` is a function of a module this backend keeps loaded; the query only reads its attributes.
+    let resident = unsafe { cur::occupancy::max_active_block_per_multiprocessor(f, (32 * ROWS) as i32, 0) }
+        .map_err(crate::driver("querying a kernel's occupancy"))?
+        .max(1) as usize
+        * be.sm_count as usize;
+
+    // Partial sums [splits, cc] f32 in the scratch, a chunk of cc columns at a time: all of them when they fit,
+    // else whole tiles (so chunks keep the vector kernel's 16-byte alignment).
+    let partial = be.scratch + BIG_OFF as u64;
+    let room = BIG_BYTES / 4;
+    let chunk = if n <= room { n } else { room / tile * tile };
+    let (pre_arg, dy_arg) = (Arg::U64(pp), Arg::U64(dp));
+    let mut c0 = 0;
+    while c0 < n {
+        let cc = (n - c0).min(chunk);
+        let bx = cc.div_ceil(tile);
+        let max_splits = (room / cc).clamp(1, 65535);
+        let want = (resident * WAVES).div_ceil(bx).min(m.div_ceil(MIN_ROWS)).clamp(1, max_splits);
+        let per = m.div_ceil(want);
+        let splits = m.div_ceil(per);
+        let args = [
+            Arg::I32(crate::act_code(act)),
+            pre_arg,
+            dy_arg,
+            Arg::U64(partial),
+            Arg::U64(m as u64),
+            Arg::U64(n as u64),
+            Arg::U64(c0 as u64),
+            Arg::U64(cc as u64),
+            Arg::U64(per as u64),
+        ];
+        launch(&be.stream, f, (bx as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
+        let args = [
+            Arg::U64(partial),
+            Arg::U64(be.ptr(db) + (c0 * bt.size()) as u64),
+            Arg::U64(cc as u64),
+            Arg::U64(splits as u64),
+        ];
+        launch(&be.stream, finish, (cc.div_ceil(32) as u32, 1, 1), (32, ROWS, 1), &args)?;
+        c0 += cc;
+    }
+    Ok(())
+}
