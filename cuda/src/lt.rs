@@ -148,14 +148,16 @@ impl CudaBackend {
         self.lt.act_grad = on;
     }
 
-    /// Whether a fused GEMM's first call outside a recording measures its candidates and keeps the fastest for
-    /// that problem (on by default, like PyTorch's TunableOp or cuDNN's benchmark mode, which are opt-in there):
-    /// up to [`TUNE_CANDIDATES`] algorithms from cuBLASLt's heuristic, and the composed version (the GEMM, then
-    /// the bias or activation kernels). Each runs once to warm up, then [`TUNE_REPS`] times between two events,
-    /// twice; the lowest mean wins. The output is then computed once more by the winner, so the call's result is
-    /// the winner's. Off, or while recording, a problem takes the heuristic's first algorithm (`ActGrad`: composed
-    /// unless [`CudaBackend::set_fuse_act_grad`]). The choice can differ between runs where two candidates time
-    /// alike, and different algorithms sum in different orders: turn this off for bit-for-bit reproducible runs.
+    /// Whether a fused GEMM's first call outside a recording measures its candidates (on by default; PyTorch's
+    /// TunableOp and cuDNN's benchmark mode are the opt-in equivalents there): every cuBLASLt form of the problem
+    /// with up to [`TUNE_CANDIDATES`] algorithms of the heuristic each, and the composed version (cuBLAS's GEMM,
+    /// then the bias, activation or activation-backward kernels). Each runs once to warm up, then [`TUNE_REPS`]
+    /// times between two events, twice; the lowest mean counts. The problem keeps its default (what it runs with
+    /// autotune off or when first seen while recording: the heuristic's first algorithm with the epilogue inside;
+    /// `ActGrad` composed unless [`CudaBackend::set_fuse_act_grad`]) unless a candidate beats it by
+    /// [`TUNE_MARGIN`] and [`TUNE_MIN_GAIN_MS`]. The call's output is then computed once more by the choice.
+    /// Different algorithms sum in different orders, so a problem near the margin may round differently from
+    /// one run to the next: turn this off for bit-for-bit reproducible runs.
     pub fn set_autotune(&mut self, on: bool) {
         self.lt.autotune = on;
     }
@@ -170,6 +172,11 @@ impl CudaBackend {
 pub const TUNE_CANDIDATES: usize = 8;
 /// Calls per timed sample when tuning.
 pub const TUNE_REPS: usize = 3;
+/// A tuned problem leaves its default (see [`CudaBackend::set_autotune`]) only for a candidate faster by at
+/// least this fraction of the default's time...
+pub const TUNE_MARGIN: f32 = 0.03;
+/// ...and by at least this many milliseconds.
+pub const TUNE_MIN_GAIN_MS: f32 = 0.005;
 
 /// What a cached problem runs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -389,22 +396,26 @@ pub(crate) fn gemm_fused(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue) -> Resul
             be.lt.choices.insert(problem, c);
             c
         }
-        // Not measured: the epilogue inside cuBLASLt with the heuristic's first algorithm; ActGrad composed
-        // unless set_fuse_act_grad.
-        None => match *ep {
-            Epilogue::ActGrad { .. } if !be.lt.act_grad => Choice::Composed,
-            Epilogue::ActGrad { .. } => variants
-                .iter()
-                .position(|v| v.call.aux.is_some())
-                .map_or(Choice::Composed, |v| Choice::Lt { variant: v, algo: 0 }),
-            _ => Choice::Lt { variant: 0, algo: 0 },
-        },
+        None => default_choice(be.lt.act_grad, ep, &variants),
     };
     run(be, g, ep, &variants, choice)?;
     if let Choice::Lt { .. } = choice {
         be.lt.fused += 1;
     }
     Ok(())
+}
+
+/// What a problem runs without a measurement: the epilogue inside cuBLASLt with the heuristic's first algorithm;
+/// `ActGrad` composed unless `fuse_act_grad`.
+fn default_choice(fuse_act_grad: bool, ep: &Epilogue, variants: &[Variant]) -> Choice {
+    match *ep {
+        Epilogue::ActGrad { .. } if !fuse_act_grad => Choice::Composed,
+        Epilogue::ActGrad { .. } => variants
+            .iter()
+            .position(|v| v.call.aux.is_some())
+            .map_or(Choice::Composed, |v| Choice::Lt { variant: v, algo: 0 }),
+        _ => Choice::Lt { variant: 0, algo: 0 },
+    }
 }
 
 /// A fused GEMM in one of its cuBLASLt forms, with a plan in the cache under `key`.
@@ -513,8 +524,10 @@ fn time(be: &mut CudaBackend, mut f: impl FnMut(&mut CudaBackend) -> Result<()>)
 /// candidate overwrites C (and `pre` or the bias gradient) completely (alpha 1, beta 0, checked by `validate`),
 /// so the caller's final run leaves the winner's result.
 fn tune(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant]) -> Result<Choice> {
+    let default = default_choice(be.lt.act_grad, ep, variants);
     let composed_ms = time(be, |be| composed(be, g, ep))?;
     let mut best = (composed_ms, Choice::Composed);
+    let mut default_ms = (default == Choice::Composed).then_some(composed_ms);
     let mut report = Vec::with_capacity(variants.len());
     for (vi, v) in variants.iter().enumerate() {
         let count = be.lt.plans.get(&v.key).and_then(|p| p.as_ref()).map_or(0, |p| p.algos.len());
@@ -526,17 +539,31 @@ fn tune(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant]) -> 
                 if ms < best.0 {
                     best = (ms, choice);
                 }
+                if choice == default {
+                    default_ms = Some(ms);
+                }
             }
             times.push(ms.map_or("refused".to_string(), |ms| format!("{ms:.4}")));
         }
         report.push(format!("{}=[{}]", variant_name(v.call), times.join(",")));
     }
-    let chosen = match best.1 {
+    // Leave the default only for a clear win: the candidates run back to back on the same operands (warm in
+    // L2, unlike in a training step), and a near tie would make the choice, and so the rounding, vary between
+    // runs. Small problems (the differences within the timer's noise) keep the default.
+    // (A default cuBLASLt refused at run time is no default.)
+    let best = match default_ms {
+        Some(d) if d - best.0 < (TUNE_MARGIN * d).max(TUNE_MIN_GAIN_MS) => (d, default),
+        _ => best,
+    };
+    let name = |c: Choice| match c {
         Choice::Lt { variant, algo } => format!("{}#{algo}", variant_name(variants[variant].call)),
         Choice::Composed => "composed".to_string(),
     };
+    let (chosen, default) = (name(best.1), name(default));
+    let default_ms = default_ms.map_or("refused".to_string(), |ms| format!("{ms:.4}"));
     be.lt.log.push(format!(
-        "lt_tune: problem={}x{}x{} {}{} {:?}->{:?} {} chosen={chosen} chosen_ms={:.4} composed_ms={composed_ms:.4} {}",
+        "lt_tune: problem={}x{}x{} {}{} {:?}->{:?} {} chosen={chosen} chosen_ms={:.4} default={default} \
+         default_ms={default_ms} composed_ms={composed_ms:.4} {}",
         g.m,
         g.n,
         g.k,

@@ -211,7 +211,9 @@ fn skinny_act_grad_equals_the_composed_version() {
                         assert!(u == v, "{what}: fused {name} differs from the composed one");
                     };
                     same(&mut t, c, c2, "C");
-                    if with_db {
+                    // k > 16 is not skinny: the CUDA backend's composed version sums the bias gradient in the
+                    // one-pass kernel of act_grad.cu, in another order (checked against the reference below).
+                    if with_db && k <= 16 {
                         same(&mut t, db, db2, "dbias");
                     }
                     // tests/backends.rs gemm_fused's tolerance against the reference.
