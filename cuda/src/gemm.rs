@@ -58,42 +58,13 @@ pub(crate) fn gemm(be: &mut CudaBackend, g: &Gemm) -> Result<()> {
     if let Some(shape) = skinny_shape(be, g) {
         return skinny(be, g, shape, None);
     }
-    let (a, b, c) = (be.ptr(g.a), be.ptr(g.b), be.ptr(g.c));
     if cublas_takes(g) {
-        let op = |t: bool| if t { blas::cublasOperation_t::CUBLAS_OP_T } else { blas::cublasOperation_t::CUBLAS_OP_N };
-        let (alpha, beta) = (g.alpha, g.beta);
-        // SAFETY: every operand's extent was checked against its buffer inside the arena; the dimensions fit
-        // cuBLAS's integer types (cublas_takes); alpha and beta are host f32 scalars (host pointer mode,
-        // f32 compute), read before the call returns.
-        let status = unsafe {
-            blas::cublasGemmStridedBatchedEx(
-                *be.blas.handle(),
-                op(g.trans_b),
-                op(g.trans_a),
-                g.n as i32,
-                g.m as i32,
-                g.k as i32,
-                &alpha as *const f32 as *const _,
-                b as *const _,
-                cuda_type(at),
-                g.ldb as i32,
-                g.stride_b as i64,
-                a as *const _,
-                cuda_type(at),
-                g.lda as i32,
-                g.stride_a as i64,
-                &beta as *const f32 as *const _,
-                c as *mut _,
-                cuda_type(ct),
-                g.ldc as i32,
-                g.stride_c as i64,
-                g.batch as i32,
-                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        };
-        return status.result().map_err(|e| Error::Device { what: "cublasGemmStridedBatchedEx", code: e.0 as i32 });
+        if crate::lt::gemm_plain(be, g)? {
+            return Ok(());
+        }
+        return cublas(be, g);
     }
+    let (a, b, c) = (be.ptr(g.a), be.ptr(g.b), be.ptr(g.c));
     let f = be.kernels.get(Family::Gemm, "gemm_naive", Some(at), Some(ct))?;
     let u = |v: usize| Arg::U64(v as u64);
     let args = [
@@ -117,6 +88,46 @@ pub(crate) fn gemm(be: &mut CudaBackend, g: &Gemm) -> Result<()> {
     ];
     let grid = be.grid(g.m * g.n, 256);
     launch(&be.stream, f, (grid, 1, 1), (256, 1, 1), &args)
+}
+
+/// The product on cuBLAS (`cublasGemmStridedBatchedEx`, f32 compute). `g` was validated, `cublas_takes` it and
+/// the context is bound.
+pub(crate) fn cublas(be: &mut CudaBackend, g: &Gemm) -> Result<()> {
+    let (a, b, c) = (be.ptr(g.a), be.ptr(g.b), be.ptr(g.c));
+    let (at, ct) = (g.a.dtype, g.c.dtype);
+    let op = |t: bool| if t { blas::cublasOperation_t::CUBLAS_OP_T } else { blas::cublasOperation_t::CUBLAS_OP_N };
+    let (alpha, beta) = (g.alpha, g.beta);
+    // SAFETY: every operand's extent was checked against its buffer inside the arena; the dimensions fit
+    // cuBLAS's integer types (cublas_takes); alpha and beta are host f32 scalars (host pointer mode,
+    // f32 compute), read before the call returns.
+    let status = unsafe {
+        blas::cublasGemmStridedBatchedEx(
+            *be.blas.handle(),
+            op(g.trans_b),
+            op(g.trans_a),
+            g.n as i32,
+            g.m as i32,
+            g.k as i32,
+            &alpha as *const f32 as *const _,
+            b as *const _,
+            cuda_type(at),
+            g.ldb as i32,
+            g.stride_b as i64,
+            a as *const _,
+            cuda_type(at),
+            g.lda as i32,
+            g.stride_a as i64,
+            &beta as *const f32 as *const _,
+            c as *mut _,
+            cuda_type(ct),
+            g.ldc as i32,
+            g.stride_c as i64,
+            g.batch as i32,
+            blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    };
+    status.result().map_err(|e| Error::Device { what: "cublasGemmStridedBatchedEx", code: e.0 as i32 })
 }
 
 // ---- Skinny products (`kernels/skinny.cu`) ----

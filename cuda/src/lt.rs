@@ -225,6 +225,7 @@ struct Key {
     trans_a: bool,
     trans_b: bool,
     dtype: DType,
+    c_dtype: DType,
     epilogue: sys::cublasLtEpilogue_t,
     /// Dtype of the bias or bias-gradient vector, when the epilogue has one.
     vector: Option<DType>,
@@ -403,6 +404,105 @@ pub(crate) fn gemm_fused(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue) -> Resul
         be.lt.fused += 1;
     }
     Ok(())
+}
+
+/// A plain GEMM (`Backend::gemm`, no epilogue) with autotune on: cuBLAS (`gemm.rs`) is its default, and at its
+/// first call outside a recording cuBLASLt's algorithms are timed against it; one that wins clearly (see
+/// [`CudaBackend::set_autotune`]) runs it from then on. `Ok(true)` when this ran the product; `Ok(false)` (nothing
+/// queued) where the caller runs cuBLAS: autotune off, not measured yet while recording, or not one dense
+/// problem with alpha 1 and beta 0 (which tuning could not repeat safely). `g` was validated by the caller and
+/// `cublas_takes` it.
+pub(crate) fn gemm_plain(be: &mut CudaBackend, g: &Gemm) -> Result<bool> {
+    let Some(handle) = be.lt.handle else {
+        return Ok(false);
+    };
+    let int = |v: usize| v <= i32::MAX as usize;
+    let dense = g.batch == 1 && g.alpha == 1.0 && g.beta == 0.0 && g.m > 0 && g.n > 0 && g.k > 0;
+    if !be.lt.autotune || !dense || ![g.m, g.n, g.k, g.lda, g.ldb, g.ldc].into_iter().all(int) {
+        return Ok(false);
+    }
+    let problem = Problem {
+        m: g.m,
+        n: g.n,
+        k: g.k,
+        lda: g.lda,
+        ldb: g.ldb,
+        trans: (g.trans_a, g.trans_b),
+        dtypes: (g.a.dtype, g.c.dtype),
+        kind: (3, g.ldc as i32),
+        vector: None,
+        align: [align(Some(g.a)), align(Some(g.b)), align(Some(g.c)), 1, 1],
+    };
+    let choice = match be.lt.choices.get(&problem).copied() {
+        Some(c) => c,
+        None if be.graphs.recording() => return Ok(false),
+        None => {
+            let call = Call {
+                epilogue: sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+                vector: None,
+                aux: None,
+                post: Post::None,
+            };
+            let c = match plan(be, handle, g, call) {
+                Some(key) => tune_plain(be, g, Variant { handle, key, call })?,
+                None => Choice::Composed,
+            };
+            be.lt.choices.insert(problem, c);
+            c
+        }
+    };
+    match choice {
+        Choice::Composed => Ok(false),
+        Choice::Lt { algo, .. } => {
+            let call = Call {
+                epilogue: sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+                vector: None,
+                aux: None,
+                post: Post::None,
+            };
+            let key = key(g, call);
+            matmul(be, g, Variant { handle, key, call }, algo)?;
+            Ok(true)
+        }
+    }
+}
+
+/// [`tune`] for a plain GEMM: cuBLAS (the default, `Choice::Composed` here) against cuBLASLt's algorithms.
+fn tune_plain(be: &mut CudaBackend, g: &Gemm, v: Variant) -> Result<Choice> {
+    let cublas_ms = time(be, |be| crate::gemm::cublas(be, g))?;
+    let count = be.lt.plans.get(&v.key).and_then(|p| p.as_ref()).map_or(0, |p| p.algos.len());
+    let mut best = (cublas_ms, Choice::Composed);
+    let mut times = Vec::with_capacity(count);
+    for algo in 0..count {
+        let ms = time(be, |be| matmul(be, g, v, algo)).ok();
+        if let Some(ms) = ms {
+            if ms < best.0 {
+                best = (ms, Choice::Lt { variant: 0, algo });
+            }
+        }
+        times.push(ms.map_or("refused".to_string(), |ms| format!("{ms:.4}")));
+    }
+    if cublas_ms - best.0 < (TUNE_MARGIN * cublas_ms).max(TUNE_MIN_GAIN_MS) {
+        best = (cublas_ms, Choice::Composed);
+    }
+    let chosen = match best.1 {
+        Choice::Lt { algo, .. } => format!("DEFAULT#{algo}"),
+        Choice::Composed => "cublas".to_string(),
+    };
+    be.lt.log.push(format!(
+        "lt_tune: problem={}x{}x{} {}{} {:?}->{:?} gemm chosen={chosen} chosen_ms={:.4} default=cublas \
+         default_ms={cublas_ms:.4} DEFAULT=[{}]",
+        g.m,
+        g.n,
+        g.k,
+        if g.trans_a { 'T' } else { 'N' },
+        if g.trans_b { 'T' } else { 'N' },
+        g.a.dtype,
+        g.c.dtype,
+        best.0,
+        times.join(","),
+    ));
+    Ok(best.1)
 }
 
 /// What a problem runs without a measurement: the epilogue inside cuBLASLt with the heuristic's first algorithm;
@@ -622,6 +722,7 @@ fn key(g: &Gemm, call: Call) -> Key {
         trans_a: g.trans_a,
         trans_b: g.trans_b,
         dtype: g.a.dtype,
+        c_dtype: g.c.dtype,
         epilogue: call.epilogue,
         vector: call.vector.map(|v| v.dtype),
         align: [align(Some(g.a)), align(Some(g.b)), align(Some(g.c)), align(call.vector), align(call.aux)],
@@ -752,7 +853,8 @@ unsafe fn build(handle: sys::cublasLtHandle_t, g: &Gemm, key: &Key, vector: u64,
         (if g.trans_a { (m, k) } else { (k, m) }, g.lda),
         ((n, m), g.ldc),
     ];
-    for (layout, ((rows, cols), ld)) in plan.layouts.iter_mut().zip(dims) {
+    let types = [t, t, lt_type(g.c.dtype)];
+    for ((layout, ((rows, cols), ld)), t) in plan.layouts.iter_mut().zip(dims).zip(types) {
         sys::cublasLtMatrixLayoutCreate(layout, t, rows, cols, ld as i64).result().ok()?;
     }
 
