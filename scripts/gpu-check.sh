@@ -149,11 +149,14 @@ perf() {
     mkdir -p "$out"
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}
     : >"$out/perf.log"
+    # Autotune on and off, in both orders (clocks and L2 after the tuning runs could favour either).
     for pass in 1 2; do
-        for flag in "" --no-autotune; do
-            echo "=== gpu_report --mode graph $flag (pass $pass)" >>"$out/perf.log"
+        flags=("" --no-autotune)
+        [ "$pass" = 2 ] && flags=(--no-autotune "")
+        for flag in "${flags[@]}"; do
+            echo "=== gpu_report --mode graph --warmup 30 $flag (pass $pass)" >>"$out/perf.log"
             # shellcheck disable=SC2086
-            timeout 120 .gpu/gpu_report --mode graph $flag >>"$out/perf.log" 2>&1
+            timeout 120 .gpu/gpu_report --mode graph --warmup 30 $flag >>"$out/perf.log" 2>&1
         done
         echo "=== pytorch (pass $pass)" >>"$out/perf.log"
         timeout 300 python3 benches/peers/pytorch_gpu.py >>"$out/perf.log" 2>&1

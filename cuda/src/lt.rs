@@ -84,6 +84,8 @@ pub(crate) struct Lt {
     act_grad: bool,
     /// Whether a problem's first call outside a recording times its candidates (see [`CudaBackend::set_autotune`]).
     autotune: bool,
+    /// Problems whose default runs faster than this (ms) keep it untimed against the others.
+    min_ms: f32,
     /// One line per tuned problem, in the order they were tuned.
     log: Vec<String>,
 }
@@ -115,6 +117,7 @@ impl Lt {
             fused: 0,
             act_grad: false,
             autotune: true,
+            min_ms: TUNE_MIN_MS,
             log: Vec::new(),
         }
     }
@@ -162,6 +165,14 @@ impl CudaBackend {
         self.lt.autotune = on;
     }
 
+    /// Problems whose default takes less than `ms` keep it without timing the other candidates (default
+    /// [`TUNE_MIN_MS`]). Below that an eager call is bound by kernel launches, which a recorded step does not
+    /// pay, so timing them says little about a training step, and near ties would make the choice vary between
+    /// runs. For tests.
+    pub fn set_autotune_min_ms(&mut self, ms: f32) {
+        self.lt.min_ms = ms;
+    }
+
     /// One line per problem tuned so far (`lt_tune: problem=... chosen=... ms=...`), for reports.
     pub fn tuning_log(&self) -> &[String] {
         &self.lt.log
@@ -177,6 +188,8 @@ pub const TUNE_REPS: usize = 3;
 pub const TUNE_MARGIN: f32 = 0.03;
 /// ...and by at least this many milliseconds.
 pub const TUNE_MIN_GAIN_MS: f32 = 0.005;
+/// Problems whose default runs in less (ms) are not tuned (see [`CudaBackend::set_autotune_min_ms`]).
+pub const TUNE_MIN_MS: f32 = 0.05;
 
 /// What a cached problem runs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -470,6 +483,10 @@ pub(crate) fn gemm_plain(be: &mut CudaBackend, g: &Gemm) -> Result<bool> {
 /// [`tune`] for a plain GEMM: cuBLAS (the default, `Choice::Composed` here) against cuBLASLt's algorithms.
 fn tune_plain(be: &mut CudaBackend, g: &Gemm, v: Variant) -> Result<Choice> {
     let cublas_ms = time(be, |be| crate::gemm::cublas(be, g))?;
+    if cublas_ms < be.lt.min_ms {
+        be.lt.log.push(format!("lt_tune: problem={} gemm kept the default: {cublas_ms:.4} ms", describe(g)));
+        return Ok(Choice::Composed);
+    }
     let count = be.lt.plans.get(&v.key).and_then(|p| p.as_ref()).map_or(0, |p| p.algos.len());
     let mut best = (cublas_ms, Choice::Composed);
     let mut times = Vec::with_capacity(count);
@@ -625,6 +642,12 @@ fn time(be: &mut CudaBackend, mut f: impl FnMut(&mut CudaBackend) -> Result<()>)
 /// so the caller's final run leaves the winner's result.
 fn tune(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant]) -> Result<Choice> {
     let default = default_choice(be.lt.act_grad, ep, variants);
+    if let Ok(ms) = time(be, |be| run(be, g, ep, variants, default)) {
+        if ms < be.lt.min_ms {
+            be.lt.log.push(format!("lt_tune: problem={} kept the default: {ms:.4} ms", describe(g)));
+            return Ok(default);
+        }
+    }
     let composed_ms = time(be, |be| composed(be, g, ep))?;
     let mut best = (composed_ms, Choice::Composed);
     let mut default_ms = (default == Choice::Composed).then_some(composed_ms);
@@ -681,6 +704,12 @@ fn tune(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant]) -> 
         report.join(" "),
     ));
     Ok(best.1)
+}
+
+/// `MxNxK TT A->C`, for the tuning log.
+fn describe(g: &Gemm) -> String {
+    let t = |x: bool| if x { 'T' } else { 'N' };
+    format!("{}x{}x{} {}{} {:?}->{:?}", g.m, g.n, g.k, t(g.trans_a), t(g.trans_b), g.a.dtype, g.c.dtype)
 }
 
 /// A short name of a cuBLASLt variant, for the tuning log.

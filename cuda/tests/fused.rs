@@ -450,6 +450,8 @@ fn fused_gemms_record_into_a_graph() {
 fn autotuned_choices_match_the_reference() {
     let Some(mut t) = rig() else { return };
     t.gpu.set_autotune(true);
+    // These problems run in microseconds: below the default threshold nothing would be timed.
+    t.gpu.set_autotune_min_ms(0.0);
     let gelu = Activation::GeluTanh;
     for dt in [DType::BF16, DType::F16, DType::F32] {
         for kind in [Kind::Bias, Kind::BiasAct(gelu), Kind::ActGrad(gelu, Some(DType::F32)), Kind::ActGrad(gelu, None)]
@@ -460,13 +462,15 @@ fn autotuned_choices_match_the_reference() {
             for layout in [Layout::Forward, Layout::InputGrad] {
                 // Every buffer a multiple of 256 bytes: the second call's operands align as the first's.
                 t.arena = Arena::new(t.arena.capacity());
+                // The fused problem, and the plain GEMM inside its composed version when that was new.
                 let before = t.gpu.tuning_log().len();
                 case(&mut t, dt, dt, (256, 512, 784), layout, kind);
-                assert_eq!(t.gpu.tuning_log().len(), before + 1, "{kind:?} {dt} {layout:?}: tuned once");
+                let after = t.gpu.tuning_log().len();
+                assert!(after > before, "{kind:?} {dt} {layout:?}: tuned");
                 println!("{}", t.gpu.tuning_log().last().unwrap());
                 t.arena = Arena::new(t.arena.capacity());
                 case(&mut t, dt, dt, (256, 512, 784), layout, kind);
-                assert_eq!(t.gpu.tuning_log().len(), before + 1, "{kind:?} {dt} {layout:?}: not tuned again");
+                assert_eq!(t.gpu.tuning_log().len(), after, "{kind:?} {dt} {layout:?}: not tuned again");
             }
         }
     }
@@ -488,7 +492,7 @@ fn autotuned_choices_match_the_reference() {
     t.gpu.replay(id).unwrap();
     // The same problem outside the recording: tuned now; its result is the recorded one's within tolerance.
     t.gpu.gemm_fused(&Gemm::new(m, n, k, a, b, c2).b_t(k), &Epilogue::Bias { bias }).unwrap();
-    assert_eq!(t.gpu.tuning_log().len(), before + 1);
+    assert!(t.gpu.tuning_log().len() > before, "tuned outside the recording");
     // Two algorithms may sum in different orders: one bf16 rounding apart, plus f32 accumulation slack.
     let ((x, _), (y, _)) = (t.get(c), t.get(c2));
     for (i, (x, y)) in x.iter().zip(&y).enumerate() {
