@@ -151,3 +151,201 @@ pub(crate) fn act_grad_bias(
     }
     Ok(())
 }
+
+/// The largest k [`act_grad_bias_small_k`] takes (its kernels keep a thread's k x 4 slice of B in registers).
+pub(crate) const SMALL_K_MAX: usize = 16;
+/// Columns a thread of the small-k kernels handles (`SK_V` in `kernels/act_grad.cu`): one 8-byte (16-bit) or
+/// 16-byte (f32) load of `pre`, B's rows and store of `dx`.
+const SK_V: usize = 4;
+/// Rows a thread row of the small-k kernels stages at a time (`SK_ROWS`) times the thread rows: splits are
+/// multiples of it (but the last), so that no staged block of a split is partly empty.
+const SK_SPLIT_ROWS: usize = ROWS as usize * 8;
+
+impl CudaBackend {
+    /// `dx = act'(pre) * round(A B)` with the column sums `dbias[c] = sum_r dx[r, c]`, for a small inner
+    /// dimension (`k <= 16`: the input gradient of a classifier layer, `dY W`, followed by the activation
+    /// backward of the layer before it and that layer's bias gradient), without writing the product: what
+    /// `gemm` into `dx` (A `[m, k]`, B `[k, n]`, both row-major and untransposed, leading dimensions `lda` and
+    /// `ldb`) then [`CudaBackend::activation_backward_bias_grad`]`(act, pre, dx, dbias, m, n)` compute, in one pass
+    /// over `pre` and `dx` plus the small finishing pass over the partial sums of `dbias`.
+    ///
+    /// - The product: `c[i, j] = sum_p A[i, p] B[p, j]` in f32 from +0, `p` ascending, one fused multiply-add
+    ///   per term, rounded once to the dtype; cuBLAS may add in another order, so `c` can differ from `gemm`'s by
+    ///   its rounding. Given the same `c`, `dx` is bit-identical to `activation_backward_bias_grad`'s (the same
+    ///   device expression), and `dbias` sums the stored `dx` in f32 in the same fixed order.
+    /// - `Ok(false)`, with nothing queued, where the kernels do not take the problem (run the unfused pair
+    ///   instead): `k == 0` or `k > 16`; A, B, `pre` and `dx` not all of one dtype; `dx` overlapping A, B or `pre`;
+    ///   `n` or `ldb` not a multiple of 4, or B, `pre` or `dx` not aligned to 4 elements (8 bytes for 16-bit
+    ///   dtypes, 16 for f32). Any `lda` works.
+    /// - Errors (nothing queued) for invalid input: a handle outside the arena or misaligned for its dtype, an
+    ///   I32 operand, a buffer shorter than its extent (A `(m - 1) lda + k`, B `(k - 1) ldb + n`, `pre` and `dx`
+    ///   `m n`, `dbias` `n`), `dbias` overlapping `pre` or `dx`.
+    /// - `m == 0` zeroes `dbias`; `n == 0` does nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn activation_backward_bias_grad_small_k(
+        &mut self,
+        act: Activation,
+        a: Buf,
+        lda: usize,
+        b: Buf,
+        ldb: usize,
+        k: usize,
+        pre: Buf,
+        dx: Buf,
+        dbias: Option<Buf>,
+        m: usize,
+        n: usize,
+    ) -> Result<bool> {
+        act_grad_bias_small_k(self, act, a, lda, b, ldb, k, pre, dx, dbias, m, n)
+    }
+}
+
+/// See [`CudaBackend::activation_backward_bias_grad_small_k`]: validates every handle (errors), then decides
+/// whether the small-k kernels take the problem (`Ok(false)` if not), then queues them (`Ok(true)`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn act_grad_bias_small_k(
+    be: &mut CudaBackend,
+    act: Activation,
+    a: Buf,
+    lda: usize,
+    b: Buf,
+    ldb: usize,
+    k: usize,
+    pre: Buf,
+    dx: Buf,
+    dbias: Option<Buf>,
+    m: usize,
+    n: usize,
+) -> Result<bool> {
+    be.check(a, "act_grad_bias_small_k A")?;
+    be.check(b, "act_grad_bias_small_k B")?;
+    be.check(pre, "act_grad_bias_small_k pre")?;
+    be.check(dx, "act_grad_bias_small_k dx")?;
+    let t = CudaBackend::float(dx, "act_grad_bias_small_k dx")?;
+    CudaBackend::float(a, "act_grad_bias_small_k A")?;
+    CudaBackend::float(b, "act_grad_bias_small_k B")?;
+    CudaBackend::float(pre, "act_grad_bias_small_k pre")?;
+    // Elements a row-major [rows, cols] operand with leading dimension ld spans (0 when it is empty).
+    let extent = |rows: usize, cols: usize, ld: usize| {
+        if rows == 0 || cols == 0 {
+            Some(0)
+        } else {
+            (rows - 1).checked_mul(ld)?.checked_add(cols)
+        }
+    };
+    let ea = extent(m, k, lda).ok_or(Error::InvalidConfig("act_grad_bias_small_k: A's extent overflows usize"))?;
+    let eb = extent(k, n, ldb).ok_or(Error::InvalidConfig("act_grad_bias_small_k: B's extent overflows usize"))?;
+    let len = m.checked_mul(n).ok_or(Error::ShapeMismatch {
+        what: "act_grad_bias_small_k m * n",
+        expected: dx.len,
+        got: usize::MAX,
+    })?;
+    CudaBackend::check_len(a, ea, "act_grad_bias_small_k A")?;
+    CudaBackend::check_len(b, eb, "act_grad_bias_small_k B")?;
+    CudaBackend::check_len(pre, len, "act_grad_bias_small_k pre")?;
+    CudaBackend::check_len(dx, len, "act_grad_bias_small_k dx")?;
+    let (a, b, pre, dx) = (a.prefix(ea), b.prefix(eb), pre.prefix(len), dx.prefix(len));
+    let db = match dbias {
+        Some(db) => {
+            be.check(db, "act_grad_bias_small_k dbias")?;
+            CudaBackend::check_len(db, n, "act_grad_bias_small_k dbias")?;
+            CudaBackend::float(db, "act_grad_bias_small_k dbias")?;
+            let db = db.prefix(n);
+            // As act_grad_bias (the unfused version refuses it too). Overlapping A or B would be harmless: dbias
+            // is written by the finishing pass, after every read of them.
+            if db.overlaps(&pre) || db.overlaps(&dx) {
+                return Err(Error::InvalidConfig("act_grad_bias_small_k: dbias overlaps pre or dx"));
+            }
+            Some(db)
+        }
+        None => None,
+    };
+
+    // What the kernels take.
+    if k == 0 || k > SMALL_K_MAX || a.dtype != t || b.dtype != t || pre.dtype != t {
+        return Ok(false);
+    }
+    if dx.overlaps(&a) || dx.overlaps(&b) || dx.overlaps(&pre) {
+        return Ok(false);
+    }
+    if n == 0 {
+        return Ok(true);
+    }
+    let (ap, bp, pp, dp) = (be.ptr(a), be.ptr(b), be.ptr(pre), be.ptr(dx));
+    let bytes = (SK_V * t.size()) as u64;
+    if n % SK_V != 0 || ldb % SK_V != 0 || bp % bytes != 0 || pp % bytes != 0 || dp % bytes != 0 {
+        return Ok(false);
+    }
+    be.enter()?;
+    if m == 0 {
+        if let Some(db) = db {
+            be.memset(db, 0.0)?;
+        }
+        return Ok(true);
+    }
+
+    // The kernel for the smallest K >= k of those instantiated (a K > k adds fmaf(0, 0, acc) terms, which
+    // leave the sums as they are): 10 for the classifier layers of 10 classes.
+    let name = match k {
+        1..=4 => "act_grad_small_k4",
+        5..=8 => "act_grad_small_k8",
+        9..=10 => "act_grad_small_k10",
+        11..=12 => "act_grad_small_k12",
+        _ => "act_grad_small_k16",
+    };
+    let f = be.kernels.get(Family::ActGrad, name, Some(t), None)?;
+    let finish = match db {
+        Some(db) => Some(be.kernels.get(Family::ActGrad, "act_grad_finish", Some(db.dtype), None)?),
+        None => None,
+    };
+    // SAFETY: `f` is a function of a module this backend keeps loaded; the query only reads its attributes.
+    let resident = unsafe { cur::occupancy::max_active_block_per_multiprocessor(f, (32 * ROWS) as i32, 0) }
+        .map_err(crate::driver("querying a kernel's occupancy"))?
+        .max(1) as usize
+        * be.sm_count as usize;
+
+    // As act_grad_bias: partial sums [splits, cc] f32 in the scratch, a chunk of cc columns (whole tiles) at a
+    // time. Splits: at most WAVES waves of resident blocks (rounded down, so that no last wave runs nearly
+    // empty), each split a multiple of SK_SPLIT_ROWS rows.
+    let tile = 32 * SK_V;
+    let partial = be.scratch + BIG_OFF as u64;
+    let room = BIG_BYTES / 4;
+    let chunk = if n <= room { n } else { room / tile * tile };
+    let mut c0 = 0;
+    while c0 < n {
+        let cc = (n - c0).min(chunk);
+        let bx = cc.div_ceil(tile);
+        let max_splits = (room / cc).clamp(1, 65535);
+        let want = (resident * WAVES / bx).min(m.div_ceil(SK_SPLIT_ROWS)).clamp(1, max_splits);
+        let per = m.div_ceil(want).div_ceil(SK_SPLIT_ROWS) * SK_SPLIT_ROWS;
+        let splits = m.div_ceil(per);
+        let args = [
+            Arg::I32(crate::act_code(act)),
+            Arg::U64(ap),
+            Arg::U64(lda as u64),
+            Arg::U64(bp),
+            Arg::U64(ldb as u64),
+            Arg::U64(k as u64),
+            Arg::U64(pp),
+            Arg::U64(dp),
+            Arg::U64(if db.is_some() { partial } else { 0 }),
+            Arg::U64(m as u64),
+            Arg::U64(n as u64),
+            Arg::U64(c0 as u64),
+            Arg::U64(cc as u64),
+            Arg::U64(per as u64),
+        ];
+        launch(&be.stream, f, (bx as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
+        if let (Some(db), Some(finish)) = (db, finish) {
+            let args = [
+                Arg::U64(partial),
+                Arg::U64(be.ptr(db) + (c0 * db.dtype.size()) as u64),
+                Arg::U64(cc as u64),
+                Arg::U64(splits as u64),
+            ];
+            launch(&be.stream, finish, (cc.div_ceil(32) as u32, 1, 1), (32, ROWS, 1), &args)?;
+        }
+        c0 += cc;
+    }
+    Ok(true)
+}

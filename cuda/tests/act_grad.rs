@@ -17,7 +17,7 @@
 
 mod common;
 
-use mantissa_core::backend::Activation;
+use mantissa_core::backend::{Activation, Gemm};
 use mantissa_core::rng::Rng;
 use mantissa_core::{Arena, Backend, Buf, DType, Error};
 use mantissa_cuda::CudaBackend;
@@ -404,4 +404,494 @@ fn timing_fused_against_composed() {
         );
         r.arena.release(mark);
     }
+}
+
+// ---- activation_backward_bias_grad_small_k: the small-k product fused in ----
+//
+// Against two composed versions on the same backend and inputs:
+// - exact: c computed on the host as the kernels document it (f32 from +0, p ascending, one fused multiply-add a
+//   term: `f32::mul_add`, correctly rounded), uploaded (rounded to the dtype, as the device rounds), then
+//   `activation_backward_bias_grad(act, pre, c, dbias)`: dx bit for bit (raw bytes); dbias as above (the same
+//   f32 values added in another order: `2 (m + 2) u S` plus an ulp of a 16-bit dbias).
+// - gemm: `gemm` (cuBLAS or the skinny kernel, which may add the k products in another order) into c, then the
+//   same: per element, with d = act'(pre) and S = sum_p |A[i, p] B[p, j]| (so |c| <= S):
+//     |dx_fused - dx_gemm| <= |d| ((k + 2) 2^-22 S + ulp_T(S)) (1 + 2^-20) + ulp_T(|d| S (1 + 2^-20))
+//   (each f32 sum within k 2^-24 S of the exact one, with a factor 2 of slack for the tensor cores' f32
+//   accumulation; the two c then differ by that plus one rounding to T; multiplying by d (the same on both
+//   sides) scales it, and storing dx rounds once more); dbias within the sum of its column's per-element
+//   tolerances plus the f32 order term and a 16-bit ulp.
+
+/// One small-k case.
+#[derive(Clone, Copy, Debug)]
+struct SkCase {
+    dt: DType,
+    bt: Option<DType>,
+    act: Activation,
+    m: usize,
+    n: usize,
+    k: usize,
+    /// Extra elements in each row of A (`lda = k + pad.0`) and of B (`ldb = n + pad.1`, a multiple of 4).
+    pad: (usize, usize),
+    /// Elements A's start is moved by (any alignment is taken).
+    a_shift: usize,
+    /// NaN, infinities, signed zeros and large values in pre, A and B (exact comparison only).
+    specials: bool,
+    /// Compare with gemm + act_grad_bias too (with the tolerance above).
+    with_gemm: bool,
+    /// Run the fused op twice: the same bits.
+    twice: bool,
+}
+
+impl SkCase {
+    fn new(dt: DType, bt: Option<DType>, act: Activation, m: usize, n: usize, k: usize) -> SkCase {
+        SkCase { dt, bt, act, m, n, k, pad: (0, 0), a_shift: 0, specials: false, with_gemm: true, twice: false }
+    }
+}
+
+/// act'(x) in f64 (the tolerance's scale only).
+fn act_derivative(act: Activation, x: f64) -> f64 {
+    match act {
+        Activation::Relu => {
+            if x > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Activation::GeluTanh => {
+            let (s, c) = (0.797_884_6, 0.044715);
+            let t = (s * (x + c * x * x * x)).tanh();
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * s * (1.0 + 3.0 * c * x * x)
+        }
+    }
+}
+
+/// One unit in the last place of `dt` at `|v|`, f32 included.
+fn ulp_any(dt: DType, v: f64) -> f64 {
+    let e = (((v.abs() as f32).to_bits() >> 23) & 0xff) as i32 - 127;
+    match dt {
+        DType::BF16 => 2f64.powi(e.max(-126) - 7),
+        DType::F16 => 2f64.powi(e.max(-14) - 10),
+        _ => 2f64.powi(e.max(-126) - 23),
+    }
+}
+
+/// dbias against a reference computed from the same dx values in another f32 order: returns the largest
+/// difference relative to the tolerance. `extra[j]`: tolerance added per column (0 for bit-identical dx).
+fn check_dbias(what: &str, bt: DType, m: usize, fused: &[f32], other: &[f32], abs_dx: &[f64], extra: &[f64]) -> f64 {
+    let mut worst = 0.0f64;
+    for j in 0..fused.len() {
+        let (a, b) = (fused[j], other[j]);
+        if a.is_nan() || b.is_nan() {
+            assert!(a.is_nan() && b.is_nan(), "{what}: dbias[{j}]: fused {a} vs composed {b}");
+            continue;
+        }
+        if a.is_infinite() || b.is_infinite() {
+            assert_eq!(a, b, "{what}: dbias[{j}]");
+            continue;
+        }
+        let d = (a as f64 - b as f64).abs();
+        let tol =
+            2.0 * (m as f64 + 2.0) * 2f64.powi(-24) * abs_dx[j] + extra[j] + ulp(bt, (a.abs()).max(b.abs()) as f64);
+        assert!(d <= tol, "{what}: dbias[{j}]: fused {a} vs composed {b}: difference {d:e} > tolerance {tol:e}");
+        if tol > 0.0 {
+            worst = worst.max(d / tol);
+        }
+    }
+    worst
+}
+
+impl Rig {
+    /// Column sums of |x| over the finite entries of an [m, n] array.
+    fn abs_col_sums(x: &[f32], m: usize, n: usize) -> Vec<f64> {
+        let mut s = vec![0.0f64; n];
+        for row in x.chunks(n.max(1)).take(m) {
+            for (acc, &v) in s.iter_mut().zip(row) {
+                if v.is_finite() {
+                    *acc += (v as f64).abs();
+                }
+            }
+        }
+        s
+    }
+
+    /// Runs one small-k case (the fused op must take it) against the exact composed version and, with
+    /// `with_gemm`, the gemm one; returns the largest (dx, dbias) difference relative to its tolerance of the
+    /// gemm comparison (dx is bit-identical to the exact one, or this panics).
+    fn small_k_case(&mut self, c: SkCase) -> (f64, f64) {
+        let what = format!("{c:?}");
+        let SkCase { dt, bt, act, m, n, k, pad, a_shift, specials, .. } = c;
+        let (lda, ldb) = (k + pad.0, n + pad.1);
+        let mark = self.arena.mark();
+        let (ea, eb, len) = ((m.max(1) - 1) * lda + k, (k - 1) * ldb + n, m * n);
+        let a = self.alloc(dt, ea, a_shift);
+        let b = self.alloc(dt, eb, 0);
+        let pre = self.alloc(dt, len, 0);
+        let dx = self.alloc(dt, len, 0);
+        let cx = self.alloc(dt, len, 0);
+        let av = self.values(ea, -1.0, 1.0, specials);
+        let bv = self.values(eb, -1.0, 1.0, specials);
+        let pv = self.values(len, -4.0, 4.0, specials);
+        self.gpu.upload(a, &av).unwrap();
+        self.gpu.upload(b, &bv).unwrap();
+        self.gpu.upload(pre, &pv).unwrap();
+        self.gpu.fill(dx, f32::NAN).unwrap();
+        let dbs = bt.map(|t| (self.alloc(t, n, 0), self.alloc(t, n, 0)));
+        if let Some((f, x)) = dbs {
+            self.gpu.fill(f, f32::NAN).unwrap();
+            self.gpu.fill(x, f32::NAN).unwrap();
+        }
+
+        let took = self
+            .gpu
+            .activation_backward_bias_grad_small_k(act, a, lda, b, ldb, k, pre, dx, dbs.map(|d| d.0), m, n)
+            .unwrap();
+        assert!(took, "{what}: the small-k kernels must take this case");
+
+        // The exact composed version: c on the host from the stored A and B.
+        let (sa, sb) = (self.floats(a), self.floats(b));
+        let mut ch = vec![0.0f32; len];
+        for i in 0..m {
+            let arow = &sa[i * lda..i * lda + k];
+            for (j, out) in ch[i * n..(i + 1) * n].iter_mut().enumerate() {
+                *out = arow.iter().enumerate().fold(0.0f32, |acc, (p, &x)| x.mul_add(sb[p * ldb + j], acc));
+            }
+        }
+        self.gpu.upload(cx, &ch).unwrap();
+        self.gpu.activation_backward_bias_grad(act, pre, cx, dbs.map(|d| d.1), m, n).unwrap();
+        let (xf, xc) = (self.bytes(dx), self.bytes(cx));
+        if xf != xc {
+            let size = dt.size();
+            let i = xf.chunks(size).zip(xc.chunks(size)).position(|(p, q)| p != q).unwrap();
+            panic!(
+                "{what}: dx[{i}] (row {}, column {}) differs: fused {:?} vs exact composed {:?} (c {})",
+                i / n,
+                i % n,
+                &xf[i * size..(i + 1) * size],
+                &xc[i * size..(i + 1) * size],
+                ch[i]
+            );
+        }
+        let dxv = self.floats(dx);
+        let abs_dx = Self::abs_col_sums(&dxv, m, n);
+        let mut worst = (0.0f64, 0.0f64);
+        if let (Some((f, x)), Some(t)) = (dbs, bt) {
+            let (df, dc) = (self.floats(f), self.floats(x));
+            worst.1 = check_dbias(&format!("{what} (exact)"), t, m, &df, &dc, &abs_dx, &vec![0.0; n]);
+        }
+        if c.twice {
+            let (first_dx, first_db) = (xf.clone(), dbs.map(|d| self.bytes(d.0)));
+            self.gpu.fill(dx, f32::NAN).unwrap();
+            if let Some((f, _)) = dbs {
+                self.gpu.fill(f, f32::NAN).unwrap();
+            }
+            let again =
+                self.gpu.activation_backward_bias_grad_small_k(act, a, lda, b, ldb, k, pre, dx, dbs.map(|d| d.0), m, n);
+            assert!(again.unwrap());
+            assert_eq!(self.bytes(dx), first_dx, "{what}: a second run gave other dx bits");
+            if let Some((f, _)) = dbs {
+                assert_eq!(Some(self.bytes(f)), first_db, "{what}: a second run gave other dbias bits");
+            }
+        }
+
+        // The gemm composed version, within the tolerance above.
+        if c.with_gemm && !specials {
+            if let Some((_, x)) = dbs {
+                self.gpu.fill(x, f32::NAN).unwrap();
+            }
+            let g = Gemm { lda, ldb, ..Gemm::new(m, n, k, a, b, cx) };
+            self.gpu.gemm(&g).unwrap();
+            self.gpu.activation_backward_bias_grad(act, pre, cx, dbs.map(|d| d.1), m, n).unwrap();
+            let xg = self.floats(cx);
+            let spre = self.floats(pre);
+            let mut col_tol = vec![0.0f64; n];
+            let slack = 1.0 + 2f64.powi(-20);
+            for i in 0..m {
+                for j in 0..n {
+                    let s: f64 = (0..k).map(|p| (sa[i * lda + p] as f64 * sb[p * ldb + j] as f64).abs()).sum();
+                    let d = act_derivative(act, spre[i * n + j] as f64).abs();
+                    let tol = d * ((k as f64 + 2.0) * 2f64.powi(-22) * s + ulp_any(dt, s)) * slack
+                        + ulp_any(dt, d * s * slack);
+                    let (p, q) = (dxv[i * n + j], xg[i * n + j]);
+                    let diff = (p as f64 - q as f64).abs();
+                    assert!(
+                        diff <= tol,
+                        "{what}: dx[{i}, {j}]: fused {p} vs gemm + act_grad_bias {q}: difference {diff:e} > \
+                         tolerance {tol:e}"
+                    );
+                    if tol > 0.0 {
+                        worst.0 = worst.0.max(diff / tol);
+                    }
+                    col_tol[j] += tol;
+                }
+            }
+            if let (Some((f, x)), Some(t)) = (dbs, bt) {
+                let (df, dg) = (self.floats(f), self.floats(x));
+                let w = check_dbias(&format!("{what} (gemm)"), t, m, &df, &dg, &abs_dx, &col_tol);
+                worst.1 = worst.1.max(w);
+            }
+        }
+        self.arena.release(mark);
+        worst
+    }
+}
+
+/// The brief's grid: m in {1, 7, 1000}, n in {8, 40, 4096}, k in {1, 3, 10, 16}, every dtype, both
+/// activations, dbias in f32, in a 16-bit dtype and none ([1000, 4096] with GELU and a dbias only).
+#[test]
+#[ignore = "needs an NVIDIA GPU (run scripts/gpu-check.sh)"]
+fn small_k_equals_composed_on_small_and_odd_shapes() {
+    let Some(mut r) = rig() else { return };
+    let (mut cases, mut worst) = (0, (0.0f64, 0.0f64));
+    for dt in common::FLOATS {
+        for act in ACTS {
+            for bt in [Some(DType::F32), Some(dbias_16(dt)), None] {
+                for m in [1, 7, 1000] {
+                    for n in [8, 40, 4096] {
+                        for k in [1, 3, 10, 16] {
+                            if m == 1000 && n == 4096 && (act != Activation::GeluTanh || bt.is_none()) {
+                                continue;
+                            }
+                            let w = r.small_k_case(SkCase::new(dt, bt, act, m, n, k));
+                            worst = (worst.0.max(w.0), worst.1.max(w.1));
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "{cases} small-k cases: dx bit-identical to the exact composed version; against gemm + act_grad_bias \
+         max |difference| / tolerance: dx {:.3}, dbias {:.3}",
+        worst.0, worst.1
+    );
+}
+
+/// Every k from 1 to 16 (each kernel bucket, full and partly used); leading dimensions past the row length;
+/// A at odd element offsets; n = 12 (a multiple of 4 but not of 8); m not a multiple of the splits' rows.
+#[test]
+#[ignore = "needs an NVIDIA GPU (run scripts/gpu-check.sh)"]
+fn small_k_every_k_leading_dimensions_and_offsets() {
+    let Some(mut r) = rig() else { return };
+    for dt in common::FLOATS {
+        for k in 1..=16 {
+            for act in ACTS {
+                r.small_k_case(SkCase::new(dt, Some(DType::F32), act, 37, 40, k));
+            }
+            let mut c = SkCase::new(dt, Some(dbias_16(dt)), Activation::GeluTanh, 301, 12, k);
+            c.pad = (3, 4);
+            c.a_shift = 1;
+            r.small_k_case(c);
+            let mut c = SkCase::new(dt, None, Activation::Relu, 130, 264, k);
+            c.pad = (k, 8);
+            c.a_shift = 3;
+            r.small_k_case(c);
+        }
+    }
+}
+
+/// NaN, infinities, signed zeros and large values in pre, A and B (dx still bit-identical to the exact composed
+/// version); the gpu-mlp's shape ([8192, 4096], k = 10) in every dtype, run twice (deterministic); more columns
+/// than the scratch's partial sums hold at once (chunks); m == 0 (dbias zeroed) and n == 0.
+#[test]
+#[ignore = "needs an NVIDIA GPU (run scripts/gpu-check.sh)"]
+fn small_k_specials_mlp_shape_chunks_and_empty_problems() {
+    let Some(mut r) = rig() else { return };
+    for dt in common::FLOATS {
+        for act in ACTS {
+            for k in [1, 10, 16] {
+                let mut c = SkCase::new(dt, Some(DType::F32), act, 77, 40, k);
+                c.specials = true;
+                r.small_k_case(c);
+            }
+        }
+        let mut c = SkCase::new(dt, Some(DType::F32), Activation::GeluTanh, 8192, 4096, 10);
+        c.twice = true;
+        c.with_gemm = dt == DType::BF16; // the host tolerance loop is slow; once is enough
+        let w = r.small_k_case(c);
+        println!("{dt} [8192, 4096] k = 10: against gemm + act_grad_bias dx {:.3}, dbias {:.3}", w.0, w.1);
+        let mut c = SkCase::new(dt, Some(dbias_16(dt)), Activation::Relu, 8192, 4096, 10);
+        c.with_gemm = false;
+        r.small_k_case(c);
+    }
+    // 2.1 million columns: more than the scratch's partial sums hold (about 2.08 million f32), so two chunks.
+    let mut c = SkCase::new(DType::BF16, Some(DType::F32), Activation::GeluTanh, 3, 2_100_000, 10);
+    c.with_gemm = false;
+    r.small_k_case(c);
+
+    // m == 0: dbias zeroed, dx untouched; n == 0: nothing.
+    let a = r.alloc(DType::BF16, 32, 0);
+    let b = r.alloc(DType::BF16, 32, 0);
+    let dx = r.alloc(DType::BF16, 16, 0);
+    r.gpu.fill(a, 0.5).unwrap();
+    r.gpu.fill(b, 0.5).unwrap();
+    r.gpu.fill(dx, 1.5).unwrap();
+    for bt in [DType::F32, DType::BF16] {
+        let db = r.alloc(bt, 8, 0);
+        r.gpu.fill(db, f32::NAN).unwrap();
+        let gelu = Activation::GeluTanh;
+        let took = r.gpu.activation_backward_bias_grad_small_k(gelu, a, 2, b, 8, 2, dx, dx, Some(db), 0, 8);
+        // pre == dx (both empty here): nothing overlaps, so the kernels take it.
+        assert!(took.unwrap());
+        assert_eq!(r.floats(db), vec![0.0; 8], "m == 0: dbias must be zeroed");
+        let pre = r.alloc(DType::BF16, 16, 0);
+        let took = r.gpu.activation_backward_bias_grad_small_k(gelu, a, 2, b, 8, 2, pre, dx, Some(db.prefix(0)), 5, 0);
+        assert!(took.unwrap());
+        assert_eq!(r.floats(dx), vec![1.5; 16], "empty problems leave dx untouched");
+    }
+    r.gpu.synchronize().unwrap();
+}
+
+/// What a small-k call was given: (what, A, lda, B, ldb, k, pre, dx, dbias, m, n).
+type SkCall = (&'static str, Buf, usize, Buf, usize, usize, Buf, Buf, Option<Buf>, usize, usize);
+
+/// Problems the kernels do not take are `Ok(false)` with nothing written; invalid handles are errors; the
+/// backend works afterwards.
+#[test]
+#[ignore = "needs an NVIDIA GPU (run scripts/gpu-check.sh)"]
+fn small_k_refusals_and_errors() {
+    let Some(mut r) = rig() else { return };
+    let (m, n, k) = (16, 24, 10);
+    let gelu = Activation::GeluTanh;
+    let t = DType::BF16;
+    let a = r.alloc(t, m * 17, 0);
+    let b = r.alloc(t, 17 * (n + 4), 0);
+    let pre = r.alloc(t, m * n + 8, 0);
+    let dx = r.alloc(t, m * n + 8, 0);
+    let db = r.alloc(DType::F32, n + 4, 0);
+    let a32 = r.alloc(DType::F32, m * k, 0);
+    let pre16 = r.alloc(DType::F16, m * n, 0);
+    let ints = r.alloc(DType::I32, m * n + 8, 0);
+    for x in [a, b, pre] {
+        r.gpu.fill(x, 0.5).unwrap();
+    }
+    r.gpu.fill(a32, 0.5).unwrap();
+    r.gpu.fill(pre16, 0.5).unwrap();
+    r.gpu.fill(dx, 7.0).unwrap();
+    let (pre, dx) = (pre.prefix(m * n), dx.prefix(m * n));
+    let shifted = |x: Buf, by: usize, len: usize| Buf { offset: x.offset + by * x.dtype.size(), len, dtype: x.dtype };
+    let refused: [SkCall; 13] = [
+        ("k == 17", a, 17, b, n, 17, pre, dx, Some(db), m, n),
+        ("k == 0", a, k, b, n, 0, pre, dx, Some(db), m, n),
+        ("n not a multiple of 4", a, k, b, 22, k, pre.prefix(m * 22), dx.prefix(m * 22), Some(db), m, 22),
+        ("ldb not a multiple of 4", a, k, b, n + 2, k, pre, dx, Some(db), m, n),
+        ("B misaligned", a, k, shifted(b, 2, 9 * n + n), n, k, pre, dx, Some(db), m, n),
+        ("pre misaligned", a, k, b, n, k, shifted(pre, 2, m * n), dx, Some(db), m, n),
+        ("dx misaligned", a, k, b, n, k, pre, shifted(dx, 2, m * n), Some(db), m, n),
+        ("A f32, the rest bf16", a32, k, b, n, k, pre, dx, Some(db), m, n),
+        ("pre f16, the rest bf16", a, k, b, n, k, pre16, dx, Some(db), m, n),
+        ("dx is pre", a, k, b, n, k, dx, dx, Some(db), m, n),
+        ("dx overlaps A", a, k, b, n, k, pre, Buf { offset: a.offset, len: m * n, dtype: t }, None, m, n),
+        ("dx overlaps B", a, k, b, n, k, pre, Buf { offset: b.offset + 64, len: m * n, dtype: t }, None, m, n),
+        ("dx overlaps pre, no dbias", a, k, b, n, k, pre, shifted(pre, 8, m * n), None, m, n),
+    ];
+    for (what, a, lda, b, ldb, k, p, d, db, m, n) in refused {
+        let got = r.gpu.activation_backward_bias_grad_small_k(gelu, a, lda, b, ldb, k, p, d, db, m, n);
+        println!("{what}: {got:?}");
+        assert!(matches!(got, Ok(false)), "{what}: must be Ok(false), got {got:?}");
+    }
+    assert_eq!(r.floats(dx), vec![7.0; m * n], "refused calls must not write dx");
+
+    let outside = |len: usize, dtype: DType| Buf { offset: r.gpu.capacity() - 16, len, dtype };
+    let errors: [SkCall; 18] = [
+        ("A too short", a.prefix((m - 1) * k + k - 1), k, b, n, k, pre, dx, Some(db), m, n),
+        ("A too short for lda", a.prefix((m - 1) * 12 + k - 1), 12, b, n, k, pre, dx, Some(db), m, n),
+        ("B too short", a, k, b.prefix((k - 1) * n + n - 1), n, k, pre, dx, Some(db), m, n),
+        ("pre too short", a, k, b, n, k, pre.prefix(m * n - 1), dx, Some(db), m, n),
+        ("dx too short", a, k, b, n, k, pre, dx.prefix(m * n - 1), Some(db), m, n),
+        ("dbias too short", a, k, b, n, k, pre, dx, Some(db.prefix(n - 1)), m, n),
+        ("A i32", ints, k, b, n, k, pre, dx, Some(db), m, n),
+        ("B i32", a, k, ints, n, k, pre, dx, Some(db), m, n),
+        ("pre i32", a, k, b, n, k, ints.prefix(m * n), dx, Some(db), m, n),
+        ("dx i32", a, k, b, n, k, pre, ints.prefix(m * n), Some(db), m, n),
+        ("dbias i32", a, k, b, n, k, pre, dx, Some(ints.prefix(n)), m, n),
+        (
+            "dbias overlaps dx",
+            a,
+            k,
+            b,
+            n,
+            k,
+            pre,
+            dx,
+            Some(Buf { offset: dx.offset + 8, len: n, dtype: DType::F32 }),
+            m,
+            n,
+        ),
+        ("dbias overlaps pre", a, k, b, n, k, pre, dx, Some(Buf { offset: pre.offset, len: n, dtype: t }), m, n),
+        ("dx outside the arena", a, k, b, n, k, pre, outside(m * n, t), Some(db), m, n),
+        ("A outside the arena", outside(m * k, t), k, b, n, k, pre, dx, Some(db), m, n),
+        ("m * n overflows", a, k, b, n, k, pre, dx, Some(db), usize::MAX, 2),
+        ("A's extent overflows", a, usize::MAX, b, n, k, pre, dx, Some(db), m, n),
+        (
+            "dbias misaligned for f32",
+            a,
+            k,
+            b,
+            n,
+            k,
+            pre,
+            dx,
+            Some(Buf { offset: db.offset + 2, len: n, dtype: DType::F32 }),
+            m,
+            n,
+        ),
+    ];
+    for (what, a, lda, b, ldb, k, p, d, db, m, n) in errors {
+        let got = r.gpu.activation_backward_bias_grad_small_k(gelu, a, lda, b, ldb, k, p, d, db, m, n);
+        println!("{what}: {got:?}");
+        assert!(got.is_err(), "{what}: must be an error, got {got:?}");
+    }
+    assert_eq!(r.floats(dx), vec![7.0; m * n], "refused calls must not write dx");
+    // The backend still works, and the same buffers are taken.
+    assert!(r.gpu.activation_backward_bias_grad_small_k(gelu, a, k, b, n, k, pre, dx, Some(db), m, n).unwrap());
+    r.gpu.synchronize().unwrap();
+}
+
+/// Not a correctness test: the fused small-k op against gemm then act_grad_bias on the gpu-mlp's classifier
+/// input gradient (bf16 [8192, 10] x [10, 4096], GELU, f32 dbias). Run alone for clean numbers
+/// (`act_grad --include-ignored --nocapture timing_small_k`).
+#[test]
+#[ignore = "needs an NVIDIA GPU (run scripts/gpu-check.sh)"]
+fn timing_small_k_against_gemm_and_act_grad_bias() {
+    let Some(mut r) = rig() else { return };
+    const REPS: u32 = 50;
+    let gelu = Activation::GeluTanh;
+    let (dt, m, n, k) = (DType::BF16, 8192, 4096, 10);
+    let (a, b) = (r.alloc(dt, m * k, 0), r.alloc(dt, k * n, 0));
+    let (pre, dx, db) = (r.alloc(dt, m * n, 0), r.alloc(dt, m * n, 0), r.alloc(DType::F32, n, 0));
+    let av = r.values(m * k, -1.0, 1.0, false);
+    r.gpu.upload(a, &av).unwrap();
+    let bv = r.values(k * n, -1.0, 1.0, false);
+    r.gpu.upload(b, &bv).unwrap();
+    let pv = r.values(m * n, -4.0, 4.0, false);
+    r.gpu.upload(pre, &pv).unwrap();
+    let time = |r: &mut Rig, fused: bool| {
+        let run = |r: &mut Rig| {
+            if fused {
+                assert!(r
+                    .gpu
+                    .activation_backward_bias_grad_small_k(gelu, a, k, b, n, k, pre, dx, Some(db), m, n)
+                    .unwrap());
+            } else {
+                r.gpu.gemm(&Gemm::new(m, n, k, a, b, dx)).unwrap();
+                r.gpu.activation_backward_bias_grad(gelu, pre, dx, Some(db), m, n).unwrap();
+            }
+        };
+        for _ in 0..3 {
+            run(r);
+        }
+        r.gpu.synchronize().unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..REPS {
+            run(r);
+        }
+        r.gpu.synchronize().unwrap();
+        t.elapsed().as_secs_f64() * 1e3 / REPS as f64
+    };
+    let (fused, composed) = (time(&mut r, true), time(&mut r, false));
+    println!(
+        "act_grad timing: small-k bf16 [8192,4096] k=10: fused {fused:.4} ms, gemm+act_grad_bias {composed:.4} ms"
+    );
 }
