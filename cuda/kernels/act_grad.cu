@@ -318,7 +318,8 @@ __device__ __forceinline__ void act_grad_small_k_rows(const T* __restrict__ a, u
                 // ag_group's expression, dy being c as stored in T (rnd: the round trip through T).
                 T d[SK_V];
 #pragma unroll
-                for (int v = 0; v < SK_V; v++) st(d, v, rnd((const T*)0, cv[v]) * act_derivative(ACT, Io::get(pv[u], v)));
+                for (int v = 0; v < SK_V; v++)
+                    st(d, v, rnd((const T*)0, cv[v]) * act_derivative(ACT, Io::get(pv[u], v)));
                 if (colok && AG_BY * (s + u) < left) {
                     *reinterpret_cast<R*>(dx + off + (u64)(s + u) * rs) = Io::pack(d);
 #pragma unroll

@@ -9,6 +9,11 @@
 //! - dbias: sums in f32 of dx as stored (rounded to dy's dtype, widened back), so it differs from `bias_grad`
 //!   on the same dx only by the order of the f32 additions. Deterministic: no atomics, and a launch shape that
 //!   depends only on the problem and the device.
+//!
+//! [`act_grad_bias_small_k`] (`act_grad_small_k*` kernels) also computes dy itself, as the product `A B` of a
+//! small inner dimension (`k <= 16`: the input gradient of a classifier layer, `dY[m, 10] W[10, n]`), so that dy
+//! is never written: one pass reads `pre` (and the small A and B) and writes dx, where `gemm` then
+//! `act_grad_bias` write dy, then read it back with `pre` and write dx.
 
 use cudarc::driver::result as cur;
 use mantissa_core::backend::Activation;
@@ -172,7 +177,9 @@ impl CudaBackend {
     /// - The product: `c[i, j] = sum_p A[i, p] B[p, j]` in f32 from +0, `p` ascending, one fused multiply-add
     ///   per term, rounded once to the dtype; cuBLAS may add in another order, so `c` can differ from `gemm`'s by
     ///   its rounding. Given the same `c`, `dx` is bit-identical to `activation_backward_bias_grad`'s (the same
-    ///   device expression), and `dbias` sums the stored `dx` in f32 in the same fixed order.
+    ///   device expression), and `dbias` sums the stored `dx` in f32 the same way (per-split partial sums, then
+    ///   the same finishing pass) but over other splits: the two differ by f32 summation order only. Repeated
+    ///   calls give the same bits.
     /// - `Ok(false)`, with nothing queued, where the kernels do not take the problem (run the unfused pair
     ///   instead): `k == 0` or `k > 16`; A, B, `pre` and `dx` not all of one dtype; `dx` overlapping A, B or `pre`;
     ///   `n` or `ldb` not a multiple of 4, or B, `pre` or `dx` not aligned to 4 elements (8 bytes for 16-bit

@@ -11,7 +11,8 @@
 //! Which version runs is measured, per problem, at its first call outside a recording
 //! ([`CudaBackend::set_autotune`], on by default): up to eight of the heuristic's algorithms and the composed
 //! version (the GEMM, then the bias/activation kernels; for `ActGrad` the GELU backward and the bias gradient
-//! in one pass, `act_grad.rs`), the fastest kept. Without a measurement (autotune off, or a problem first seen
+//! in one pass, `act_grad.rs`; for `ActGrad` with k <= 16 also the kernel that computes the product, the GELU
+//! backward and the bias gradient in one pass), the fastest kept. Without a measurement (autotune off, or a problem first seen
 //! while recording) a problem takes the heuristic's first algorithm, and `ActGrad` runs composed unless
 //! [`CudaBackend::set_fuse_act_grad`]. With [`CudaBackend::set_skinny_all`] and `k <= 16` (where `gemm` itself
 //! then takes the small-k kernel of `kernels/skinny.cu`) `ActGrad` runs that kernel with the activation backward
@@ -153,8 +154,9 @@ impl CudaBackend {
 
     /// Whether a fused GEMM's first call outside a recording measures its candidates (on by default; PyTorch's
     /// TunableOp and cuDNN's benchmark mode are the opt-in equivalents there): every cuBLASLt form of the problem
-    /// with up to [`TUNE_CANDIDATES`] algorithms of the heuristic each, and the composed version (cuBLAS's GEMM,
-    /// then the bias, activation or activation-backward kernels). Each runs once to warm up, then [`TUNE_REPS`]
+    /// with up to [`TUNE_CANDIDATES`] algorithms of the heuristic each, the composed version (cuBLAS's GEMM,
+    /// then the bias, activation or activation-backward kernels), and for `ActGrad` with k <= 16 the one-pass
+    /// small-k kernel (`act_grad.cu`). Each runs once to warm up, then [`TUNE_REPS`]
     /// times between two events, twice; the lowest mean counts. The problem keeps its default (what it runs with
     /// autotune off or when first seen while recording: the heuristic's first algorithm with the epilogue inside;
     /// `ActGrad` composed unless [`CudaBackend::set_fuse_act_grad`]) unless a candidate beats it by
@@ -198,6 +200,9 @@ enum Choice {
     Lt { variant: usize, algo: usize },
     /// The composed version: cuBLAS's GEMM, then the epilogue's kernels.
     Composed,
+    /// `ActGrad` with k <= 16: the product, the activation backward and the bias gradient in one kernel
+    /// (`act_grad.rs`, `act_grad_bias_small_k`); timed as a candidate, never a default.
+    SmallK,
 }
 
 /// One cached problem. Owns its descriptors.
@@ -465,7 +470,7 @@ pub(crate) fn gemm_plain(be: &mut CudaBackend, g: &Gemm) -> Result<bool> {
         }
     };
     match choice {
-        Choice::Composed => Ok(false),
+        Choice::Composed | Choice::SmallK => Ok(false),
         Choice::Lt { algo, .. } => {
             let call = Call {
                 epilogue: sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
@@ -504,7 +509,7 @@ fn tune_plain(be: &mut CudaBackend, g: &Gemm, v: Variant) -> Result<Choice> {
     }
     let chosen = match best.1 {
         Choice::Lt { algo, .. } => format!("DEFAULT#{algo}"),
-        Choice::Composed => "cublas".to_string(),
+        _ => "cublas".to_string(),
     };
     be.lt.log.push(format!(
         "lt_tune: problem={}x{}x{} {}{} {:?}->{:?} gemm chosen={chosen} chosen_ms={:.4} default=cublas \
@@ -596,10 +601,36 @@ fn composed(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue) -> Result<()> {
     }
 }
 
+/// The small-k kernel for an `ActGrad` problem; `Ok(false)` (nothing queued) where it does not apply.
+fn small_k(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue) -> Result<bool> {
+    match *ep {
+        Epilogue::ActGrad { act, pre, dbias } if !g.trans_a && !g.trans_b && g.k <= crate::act_grad::SMALL_K_MAX => {
+            let len = g.m * g.n;
+            crate::act_grad::act_grad_bias_small_k(
+                be,
+                act,
+                g.a,
+                g.lda,
+                g.b,
+                g.ldb,
+                g.k,
+                pre.prefix(len),
+                g.c.prefix(len),
+                dbias,
+                g.m,
+                g.n,
+            )
+        }
+        _ => Ok(false),
+    }
+}
+
 /// Runs `choice`.
 fn run(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant], choice: Choice) -> Result<()> {
-    let Choice::Lt { variant, algo } = choice else {
-        return composed(be, g, ep);
+    let (variant, algo) = match choice {
+        Choice::Lt { variant, algo } => (variant, algo),
+        Choice::SmallK if small_k(be, g, ep)? => return Ok(()),
+        Choice::SmallK | Choice::Composed => return composed(be, g, ep),
     };
     let v = *variants.get(variant).ok_or(Error::InvalidConfig("internal: no such cuBLASLt variant"))?;
     matmul(be, &lt_gemm(g, ep, v.call), v, algo)?;
@@ -651,7 +682,15 @@ fn tune(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant]) -> 
     let composed_ms = time(be, |be| composed(be, g, ep))?;
     let mut best = (composed_ms, Choice::Composed);
     let mut default_ms = (default == Choice::Composed).then_some(composed_ms);
-    let mut report = Vec::with_capacity(variants.len());
+    let mut report = Vec::with_capacity(variants.len() + 1);
+    // The small-k kernel, where it applies (a refusal is an error here, so it is left out).
+    let not_taken = Error::InvalidConfig("small-k kernel does not apply");
+    if let Ok(ms) = time(be, |be| small_k(be, g, ep).and_then(|ran| if ran { Ok(()) } else { Err(not_taken) })) {
+        if ms < best.0 {
+            best = (ms, Choice::SmallK);
+        }
+        report.push(format!("small_k=[{ms:.4}]"));
+    }
     for (vi, v) in variants.iter().enumerate() {
         let count = be.lt.plans.get(&v.key).and_then(|p| p.as_ref()).map_or(0, |p| p.algos.len());
         let mut times = Vec::with_capacity(count);
@@ -681,6 +720,7 @@ fn tune(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant]) -> 
     let name = |c: Choice| match c {
         Choice::Lt { variant, algo } => format!("{}#{algo}", variant_name(variants[variant].call)),
         Choice::Composed => "composed".to_string(),
+        Choice::SmallK => "small_k".to_string(),
     };
     let (chosen, default) = (name(best.1), name(default));
     let default_ms = default_ms.map_or("refused".to_string(), |ms| format!("{ms:.4}"));

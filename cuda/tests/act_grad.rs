@@ -14,6 +14,12 @@
 //!   `2 (m + 2) u S`; a 16-bit dbias adds one unit in the last place of its dtype at the larger of the two (each
 //!   is its f32 sum rounded once). NaN on one side needs NaN on the other, and infinities must match (which
 //!   columns hold them does not depend on the order). Two runs of the fused op give the same bits.
+//!
+//! Then `CudaBackend::activation_backward_bias_grad_small_k` (the small-k product fused in; its tolerances are
+//! written down where its tests start, below): against the exact composed version (the product on the host, as
+//! documented, then `activation_backward_bias_grad`: dx bit for bit) and against `gemm` then
+//! `activation_backward_bias_grad` (within a rounding of the product), the problems it refuses (`Ok(false)`),
+//! its errors, and its time against the pair it replaces.
 
 mod common;
 
@@ -414,12 +420,13 @@ fn timing_fused_against_composed() {
 //   `activation_backward_bias_grad(act, pre, c, dbias)`: dx bit for bit (raw bytes); dbias as above (the same
 //   f32 values added in another order: `2 (m + 2) u S` plus an ulp of a 16-bit dbias).
 // - gemm: `gemm` (cuBLAS or the skinny kernel, which may add the k products in another order) into c, then the
-//   same: per element, with d = act'(pre) and S = sum_p |A[i, p] B[p, j]| (so |c| <= S):
-//     |dx_fused - dx_gemm| <= |d| ((k + 2) 2^-22 S + ulp_T(S)) (1 + 2^-20) + ulp_T(|d| S (1 + 2^-20))
+//   same: per element, with S = sum_p |A[i, p] B[p, j]| (so |c| <= S) and D = 1.01 |act'(pre)| + 2^-16 (act'
+//   in f64 on the host, with slack for the device's f32 one, which is the same on both sides):
+//     |dx_fused - dx_gemm| <= D ((k + 2) 2^-22 S + ulp_T(S)) (1 + 2^-20) + ulp_T(D S (1 + 2^-20))
 //   (each f32 sum within k 2^-24 S of the exact one, with a factor 2 of slack for the tensor cores' f32
-//   accumulation; the two c then differ by that plus one rounding to T; multiplying by d (the same on both
-//   sides) scales it, and storing dx rounds once more); dbias within the sum of its column's per-element
-//   tolerances plus the f32 order term and a 16-bit ulp.
+//   accumulation; the two c then differ by that plus one rounding to T; multiplying by act'(pre) scales it, and
+//   storing dx rounds once more); dbias within the sum of its column's per-element tolerances plus the f32 order
+//   term and a 16-bit ulp.
 
 /// One small-k case.
 #[derive(Clone, Copy, Debug)]
@@ -561,16 +568,21 @@ impl Rig {
         self.gpu.activation_backward_bias_grad(act, pre, cx, dbs.map(|d| d.1), m, n).unwrap();
         let (xf, xc) = (self.bytes(dx), self.bytes(cx));
         if xf != xc {
+            // Bit for bit, but for NaN payloads (host-made NaN in c, with specials: the GPU's arithmetic
+            // returns its canonical NaN, so these should match too, but they are not the kernels' doing).
+            let (vf, vc) = (self.floats(dx), self.floats(cx));
             let size = dt.size();
-            let i = xf.chunks(size).zip(xc.chunks(size)).position(|(p, q)| p != q).unwrap();
-            panic!(
-                "{what}: dx[{i}] (row {}, column {}) differs: fused {:?} vs exact composed {:?} (c {})",
-                i / n,
-                i % n,
-                &xf[i * size..(i + 1) * size],
-                &xc[i * size..(i + 1) * size],
-                ch[i]
-            );
+            for (i, (p, q)) in xf.chunks(size).zip(xc.chunks(size)).enumerate() {
+                if p != q && !(vf[i].is_nan() && vc[i].is_nan()) {
+                    panic!(
+                        "{what}: dx[{i}] (row {}, column {}) differs: fused {p:?} vs exact composed {q:?} (c {})",
+                        i / n,
+                        i % n,
+                        ch[i]
+                    );
+                }
+            }
+            println!("{what}: dx bit-identical but for the payloads of some NaN");
         }
         let dxv = self.floats(dx);
         let abs_dx = Self::abs_col_sums(&dxv, m, n);
@@ -609,7 +621,9 @@ impl Rig {
             for i in 0..m {
                 for j in 0..n {
                     let s: f64 = (0..k).map(|p| (sa[i * lda + p] as f64 * sb[p * ldb + j] as f64).abs()).sum();
-                    let d = act_derivative(act, spre[i * n + j] as f64).abs();
+                    // The device's f32 act' may differ from this f64 one (relatively, most where GELU's
+                    // derivative is small): a percent and an absolute 2^-16 of slack.
+                    let d = act_derivative(act, spre[i * n + j] as f64).abs() * 1.01 + 2f64.powi(-16);
                     let tol = d * ((k as f64 + 2.0) * 2f64.powi(-22) * s + ulp_any(dt, s)) * slack
                         + ulp_any(dt, d * s * slack);
                     let (p, q) = (dxv[i * n + j], xg[i * n + j]);
