@@ -798,6 +798,15 @@ fn gemm_fused(kind: BackendKind) {
     });
 }
 
+/// What the CUDA backend's autotune measured (empty for other backends), for failure messages.
+fn tuning_log(be: &AnyBackend<'_>) -> String {
+    match be {
+        #[cfg(feature = "cuda")]
+        AnyBackend::Cuda(g) => g.tuning_log().join("\n"),
+        _ => String::new(),
+    }
+}
+
 /// Steps queued without reports (and, on a device backend, recorded once and replayed) change the model
 /// exactly as the same steps taken one at a time with a report each and no recording: weights, optimizer state
 /// and the control block bit-identical, through a skipped step, a dynamic scale that grows, a new learning
@@ -849,6 +858,10 @@ fn queued_steps(kind: BackendKind) {
             let got = queued.report().unwrap();
             let want = want.unwrap();
             let what = format!("queued steps {policy} rows={rows}");
+            if format!("{got:?}") != format!("{want:?}") {
+                eprintln!("{what}: queued backend's tuning:\n{}", tuning_log(queued.backend()));
+                eprintln!("{what}: stepped backend's tuning:\n{}", tuning_log(stepped.backend()));
+            }
             assert_eq!(format!("{got:?}"), format!("{want:?}"), "{what}: reports differ");
             if data == &bad {
                 assert!(got.skipped, "{what}: the non-finite batch must be skipped");

@@ -117,7 +117,8 @@ impl Lt {
             choices: HashMap::new(),
             fused: 0,
             act_grad: false,
-            autotune: true,
+            // MANTISSA_CUDA_AUTOTUNE=0 turns it off for a whole process (as PyTorch's PYTORCH_TUNABLEOP_ENABLED).
+            autotune: std::env::var("MANTISSA_CUDA_AUTOTUNE").map_or(true, |v| v.trim() != "0"),
             min_ms: TUNE_MIN_MS,
             log: Vec::new(),
         }
@@ -162,7 +163,8 @@ impl CudaBackend {
     /// `ActGrad` composed unless [`CudaBackend::set_fuse_act_grad`]) unless a candidate beats it by
     /// [`TUNE_MARGIN`] and [`TUNE_MIN_GAIN_MS`]. The call's output is then computed once more by the choice.
     /// Different algorithms sum in different orders, so a problem near the margin may round differently from
-    /// one run to the next: turn this off for bit-for-bit reproducible runs.
+    /// one run to the next: turn this off for bit-for-bit reproducible runs (or set `MANTISSA_CUDA_AUTOTUNE=0`
+    /// in the environment: the backends opened afterwards start with it off).
     pub fn set_autotune(&mut self, on: bool) {
         self.lt.autotune = on;
     }
