@@ -85,8 +85,8 @@ pub(crate) struct Lt {
     act_grad: bool,
     /// Whether a problem's first call outside a recording times its candidates (see [`CudaBackend::set_autotune`]).
     autotune: bool,
-    /// Problems whose default runs faster than this (ms) keep it untimed against the others.
-    min_ms: f32,
+    /// Problems with less work than this keep their default untimed (see [`CudaBackend::set_autotune_min_work`]).
+    min_work: usize,
     /// One line per tuned problem, in the order they were tuned.
     log: Vec<String>,
 }
@@ -119,7 +119,7 @@ impl Lt {
             act_grad: false,
             // MANTISSA_CUDA_AUTOTUNE=0 turns it off for a whole process (as PyTorch's PYTORCH_TUNABLEOP_ENABLED).
             autotune: std::env::var("MANTISSA_CUDA_AUTOTUNE").map_or(true, |v| v.trim() != "0"),
-            min_ms: TUNE_MIN_MS,
+            min_work: TUNE_MIN_WORK,
             log: Vec::new(),
         }
     }
@@ -169,12 +169,13 @@ impl CudaBackend {
         self.lt.autotune = on;
     }
 
-    /// Problems whose default takes less than `ms` keep it without timing the other candidates (default
-    /// [`TUNE_MIN_MS`]). Below that an eager call is bound by kernel launches, which a recorded step does not
-    /// pay, so timing them says little about a training step, and near ties would make the choice vary between
-    /// runs. For tests.
-    pub fn set_autotune_min_ms(&mut self, ms: f32) {
-        self.lt.min_ms = ms;
+    /// Problems whose work, `max(bytes of A, B and C, FLOPs / 256)`, is under `work` keep their default without
+    /// timing anything (default [`TUNE_MIN_WORK`], 16 MiB). They run in microseconds, where an eager call is bound
+    /// by launches that a recorded step does not pay, and where another process or test on the same GPU easily
+    /// doubles a sample: deciding them by size keeps their choice, and so their rounding, the same from run to
+    /// run. For tests (0 tunes everything).
+    pub fn set_autotune_min_work(&mut self, work: usize) {
+        self.lt.min_work = work;
     }
 
     /// One line per problem tuned so far (`lt_tune: problem=... chosen=... ms=...`), for reports.
@@ -192,8 +193,16 @@ pub const TUNE_REPS: usize = 3;
 pub const TUNE_MARGIN: f32 = 0.03;
 /// ...and by at least this many milliseconds.
 pub const TUNE_MIN_GAIN_MS: f32 = 0.005;
-/// Problems whose default runs in less (ms) are not tuned (see [`CudaBackend::set_autotune_min_ms`]).
-pub const TUNE_MIN_MS: f32 = 0.05;
+/// Problems with less work are not tuned (see [`CudaBackend::set_autotune_min_work`]).
+pub const TUNE_MIN_WORK: usize = 16 << 20;
+
+/// Whether a problem has enough work to be tuned (see [`CudaBackend::set_autotune_min_work`]).
+fn worth_tuning(be: &CudaBackend, g: &Gemm) -> bool {
+    let (a, c) = (g.a.dtype.size() as f64, g.c.dtype.size() as f64);
+    let (m, n, k) = (g.m as f64, g.n as f64, g.k as f64);
+    let bytes = (m * k + k * n) * a + m * n * c;
+    bytes.max(2.0 * m * n * k / 256.0) >= be.lt.min_work as f64
+}
 
 /// What a cached problem runs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -412,7 +421,7 @@ pub(crate) fn gemm_fused(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue) -> Resul
     let problem = problem(g, ep);
     let choice = match be.lt.choices.get(&problem).copied() {
         Some(c) => c,
-        None if be.lt.autotune && !be.graphs.recording() => {
+        None if be.lt.autotune && !be.graphs.recording() && worth_tuning(be, g) => {
             let c = tune(be, g, ep, &variants)?;
             be.lt.choices.insert(problem, c);
             c
@@ -455,7 +464,7 @@ pub(crate) fn gemm_plain(be: &mut CudaBackend, g: &Gemm) -> Result<bool> {
     };
     let choice = match be.lt.choices.get(&problem).copied() {
         Some(c) => c,
-        None if be.graphs.recording() => return Ok(false),
+        None if be.graphs.recording() || !worth_tuning(be, g) => return Ok(false),
         None => {
             let call = Call {
                 epilogue: sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
@@ -490,10 +499,6 @@ pub(crate) fn gemm_plain(be: &mut CudaBackend, g: &Gemm) -> Result<bool> {
 /// [`tune`] for a plain GEMM: cuBLAS (the default, `Choice::Composed` here) against cuBLASLt's algorithms.
 fn tune_plain(be: &mut CudaBackend, g: &Gemm, v: Variant) -> Result<Choice> {
     let cublas_ms = time(be, |be| crate::gemm::cublas(be, g))?;
-    if cublas_ms < be.lt.min_ms {
-        be.lt.log.push(format!("lt_tune: problem={} gemm kept the default: {cublas_ms:.4} ms", describe(g)));
-        return Ok(Choice::Composed);
-    }
     let count = be.lt.plans.get(&v.key).and_then(|p| p.as_ref()).map_or(0, |p| p.algos.len());
     let mut best = (cublas_ms, Choice::Composed);
     let mut times = Vec::with_capacity(count);
@@ -514,15 +519,9 @@ fn tune_plain(be: &mut CudaBackend, g: &Gemm, v: Variant) -> Result<Choice> {
         _ => "cublas".to_string(),
     };
     be.lt.log.push(format!(
-        "lt_tune: problem={}x{}x{} {}{} {:?}->{:?} gemm chosen={chosen} chosen_ms={:.4} default=cublas \
-         default_ms={cublas_ms:.4} DEFAULT=[{}]",
-        g.m,
-        g.n,
-        g.k,
-        if g.trans_a { 'T' } else { 'N' },
-        if g.trans_b { 'T' } else { 'N' },
-        g.a.dtype,
-        g.c.dtype,
+        "lt_tune: problem={} gemm chosen={chosen} chosen_ms={:.4} default=cublas default_ms={cublas_ms:.4} \
+         DEFAULT=[{}]",
+        describe(g),
         best.0,
         times.join(","),
     ));
@@ -675,12 +674,6 @@ fn time(be: &mut CudaBackend, mut f: impl FnMut(&mut CudaBackend) -> Result<()>)
 /// so the caller's final run leaves the winner's result.
 fn tune(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant]) -> Result<Choice> {
     let default = default_choice(be.lt.act_grad, ep, variants);
-    if let Ok(ms) = time(be, |be| run(be, g, ep, variants, default)) {
-        if ms < be.lt.min_ms {
-            be.lt.log.push(format!("lt_tune: problem={} kept the default: {ms:.4} ms", describe(g)));
-            return Ok(default);
-        }
-    }
     let composed_ms = time(be, |be| composed(be, g, ep))?;
     let mut best = (composed_ms, Choice::Composed);
     let mut default_ms = (default == Choice::Composed).then_some(composed_ms);
@@ -727,15 +720,9 @@ fn tune(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant]) -> 
     let (chosen, default) = (name(best.1), name(default));
     let default_ms = default_ms.map_or("refused".to_string(), |ms| format!("{ms:.4}"));
     be.lt.log.push(format!(
-        "lt_tune: problem={}x{}x{} {}{} {:?}->{:?} {} chosen={chosen} chosen_ms={:.4} default={default} \
-         default_ms={default_ms} composed_ms={composed_ms:.4} {}",
-        g.m,
-        g.n,
-        g.k,
-        if g.trans_a { 'T' } else { 'N' },
-        if g.trans_b { 'T' } else { 'N' },
-        g.a.dtype,
-        g.c.dtype,
+        "lt_tune: problem={} {} chosen={chosen} chosen_ms={:.4} default={default} default_ms={default_ms} \
+         composed_ms={composed_ms:.4} {}",
+        describe(g),
         match ep {
             Epilogue::Bias { .. } => "Bias",
             Epilogue::BiasAct { .. } => "BiasAct",

@@ -450,8 +450,8 @@ fn fused_gemms_record_into_a_graph() {
 fn autotuned_choices_match_the_reference() {
     let Some(mut t) = rig() else { return };
     t.gpu.set_autotune(true);
-    // These problems run in microseconds: below the default threshold nothing would be timed.
-    t.gpu.set_autotune_min_ms(0.0);
+    // These problems are small: below the default threshold nothing would be timed.
+    t.gpu.set_autotune_min_work(0);
     let gelu = Activation::GeluTanh;
     for dt in [DType::BF16, DType::F16, DType::F32] {
         for kind in [Kind::Bias, Kind::BiasAct(gelu), Kind::ActGrad(gelu, Some(DType::F32)), Kind::ActGrad(gelu, None)]
