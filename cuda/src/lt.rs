@@ -450,28 +450,12 @@ pub(crate) fn gemm_plain(be: &mut CudaBackend, g: &Gemm) -> Result<bool> {
     if !be.lt.autotune || !dense || ![g.m, g.n, g.k, g.lda, g.ldb, g.ldc].into_iter().all(int) {
         return Ok(false);
     }
-    let problem = Problem {
-        m: g.m,
-        n: g.n,
-        k: g.k,
-        lda: g.lda,
-        ldb: g.ldb,
-        trans: (g.trans_a, g.trans_b),
-        dtypes: (g.a.dtype, g.c.dtype),
-        kind: (3, g.ldc as i32),
-        vector: None,
-        align: [align(Some(g.a)), align(Some(g.b)), align(Some(g.c)), 1, 1],
-    };
+    let problem = problem_key(g, (3, g.ldc as i32), None, None);
     let choice = match be.lt.choices.get(&problem).copied() {
         Some(c) => c,
         None if be.graphs.recording() || !worth_tuning(be, g) => return Ok(false),
         None => {
-            let call = Call {
-                epilogue: sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
-                vector: None,
-                aux: None,
-                post: Post::None,
-            };
+            let call = PLAIN;
             let c = match plan(be, handle, g, call) {
                 Some(key) => tune_plain(be, g, Variant { handle, key, call })?,
                 None => Choice::Composed,
@@ -483,18 +467,17 @@ pub(crate) fn gemm_plain(be: &mut CudaBackend, g: &Gemm) -> Result<bool> {
     match choice {
         Choice::Composed | Choice::SmallK => Ok(false),
         Choice::Lt { algo, .. } => {
-            let call = Call {
-                epilogue: sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
-                vector: None,
-                aux: None,
-                post: Post::None,
-            };
+            let call = PLAIN;
             let key = key(g, call);
             matmul(be, g, Variant { handle, key, call }, algo)?;
             Ok(true)
         }
     }
 }
+
+/// A plain GEMM in cuBLASLt: no epilogue, nothing after it.
+const PLAIN: Call =
+    Call { epilogue: sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT, vector: None, aux: None, post: Post::None };
 
 /// [`tune`] for a plain GEMM: cuBLAS (the default, `Choice::Composed` here) against cuBLASLt's algorithms.
 fn tune_plain(be: &mut CudaBackend, g: &Gemm, v: Variant) -> Result<Choice> {
@@ -573,6 +556,11 @@ fn problem(g: &Gemm, ep: &Epilogue) -> Problem {
         Epilogue::BiasAct { bias, act, pre } => ((1, crate::act_code(act)), Some(bias), Some(pre)),
         Epilogue::ActGrad { act, pre, dbias } => ((2, crate::act_code(act)), dbias, Some(pre)),
     };
+    problem_key(g, kind, vector, pre)
+}
+
+/// The [`Problem`] of a GEMM, its kind and epilogue operands.
+fn problem_key(g: &Gemm, kind: (u8, i32), vector: Option<Buf>, pre: Option<Buf>) -> Problem {
     Problem {
         m: g.m,
         n: g.n,
