@@ -1,6 +1,7 @@
 //! Matrix products: the split-k skinny kernel (`kernels/skinny.cu`) for a single problem with m <= 16 (a
 //! classifier layer's weight gradient, which cuBLAS runs at ~10 TFLOP/s), cuBLAS on tensor cores for the rest
-//! where it takes the problem, the naive kernel (`kernels/gemm.cu`) where it does not. The small-n and small-k
+//! where it takes the problem (or, with autotune, a cuBLASLt algorithm measured clearly faster at the problem's
+//! first call: `lt::gemm_plain`), the naive kernel (`kernels/gemm.cu`) where it does not. The small-n and small-k
 //! skinny kernels exist and are tested, but run only with [`CudaBackend::set_skinny_all`] (slower than cuBLAS).
 //!
 //! Row-major to column-major: cuBLAS sees a row-major `[r, c]` matrix with leading dimension `ld` as a

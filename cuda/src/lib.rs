@@ -95,7 +95,7 @@ pub struct CudaBackend {
     // before the context.
     graphs: graph::Graphs,
     blas: CudaBlas,
-    /// cuBLASLt for the fused-epilogue GEMMs, with its per-problem cache (see `lt.rs`).
+    /// cuBLASLt for the fused-epilogue GEMMs and autotune, with its per-problem cache (see `lt.rs`).
     lt: lt::Lt,
     kernels: Kernels,
     _mem: DeviceMemory,
