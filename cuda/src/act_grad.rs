@@ -10,12 +10,12 @@
 //!   on the same dx only by the order of the f32 additions. Deterministic: no atomics, and a launch shape that
 //!   depends only on the problem and the device.
 //!
-//! [`act_grad_bias_small_k`] (`act_grad_small_k*` kernels) also computes dy itself, as the product `A B` of a
+//! [`CudaBackend::activation_backward_bias_grad_small_k`] (`act_grad_small_k*` kernels) also computes dy itself, as the product `A B` of a
 //! small inner dimension (`k <= 16`: the input gradient of a classifier layer, `dY[m, 10] W[10, n]`), so that dy
 //! is never written: one pass reads `pre` (and the small A and B) and writes dx, where `gemm` then
 //! `act_grad_bias` write dy, then read it back with `pre` and write dx.
 
-use cudarc::driver::result as cur;
+use cudarc::driver::{result as cur, sys as cu};
 use mantissa_core::backend::Activation;
 use mantissa_core::{Backend, Buf, Error, Result};
 
@@ -51,113 +51,121 @@ impl CudaBackend {
         m: usize,
         n: usize,
     ) -> Result<()> {
-        act_grad_bias(self, act, pre, dy, dbias, m, n)
+        let be = self;
+        be.check(pre, "act_grad_bias pre")?;
+        be.check(dy, "act_grad_bias dy")?;
+        let len = m.checked_mul(n).ok_or(Error::ShapeMismatch {
+            what: "act_grad_bias m * n",
+            expected: dy.len,
+            got: usize::MAX,
+        })?;
+        CudaBackend::check_len(pre, len, "act_grad_bias pre")?;
+        CudaBackend::check_len(dy, len, "act_grad_bias dy")?;
+        let t = CudaBackend::float(dy, "act_grad_bias dy")?;
+        if pre.dtype != t {
+            return Err(Error::UnsupportedDType { what: "act_grad_bias pre (must match dy)", dtype: pre.dtype });
+        }
+        let (pre, dy) = (pre.prefix(len), dy.prefix(len));
+        // Shifted overlap would have threads read elements other threads have already overwritten.
+        if pre.overlaps(&dy) && pre.offset != dy.offset {
+            return Err(Error::InvalidConfig("act_grad_bias: pre overlaps dy (only pre == dy is allowed)"));
+        }
+        let Some(db) = dbias else {
+            // Nothing to sum: exactly activation_backward (dx over dy).
+            return if len == 0 { Ok(()) } else { be.activation_backward(act, pre, dy, dy) };
+        };
+        be.check(db, "act_grad_bias dbias")?;
+        CudaBackend::check_len(db, n, "act_grad_bias dbias")?;
+        let bt = CudaBackend::float(db, "act_grad_bias dbias")?;
+        let db = db.prefix(n);
+        if db.overlaps(&pre) || db.overlaps(&dy) {
+            return Err(Error::InvalidConfig("act_grad_bias: dbias overlaps pre or dy"));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        be.enter()?;
+        if m == 0 {
+            return be.memset(db, 0.0);
+        }
+
+        let (pp, dp) = (be.ptr(pre), be.ptr(dy));
+        // 16-byte groups (8 16-bit or 4 f32 elements) where every row starts on one: n a multiple of the group and
+        // both arrays 16-byte aligned (the arena's base is 256-byte aligned, so this is the Bufs' byte offsets).
+        let group = 16 / t.size();
+        let vec = n % group == 0 && pp % 16 == 0 && dp % 16 == 0;
+        let (name, per_thread) = if vec { ("act_grad_bias16", group) } else { ("act_grad_bias", 1) };
+        let tile = 32 * per_thread;
+        let f = be.kernels.get(Family::ActGrad, name, Some(t), None)?;
+        let finish = be.kernels.get(Family::ActGrad, "act_grad_finish", Some(bt), None)?;
+        let resident = resident_blocks(be, f)?;
+        let (pre_arg, dy_arg) = (Arg::U64(pp), Arg::U64(dp));
+        by_chunks(be, m, n, tile, Some((finish, db)), |be, c0, cc, max_splits, partial| {
+            let bx = cc.div_ceil(tile);
+            let want = (resident * WAVES).div_ceil(bx).min(m.div_ceil(MIN_ROWS)).clamp(1, max_splits);
+            let per = m.div_ceil(want);
+            let splits = m.div_ceil(per);
+            let args = [
+                Arg::I32(crate::act_code(act)),
+                pre_arg,
+                dy_arg,
+                Arg::U64(partial),
+                Arg::U64(m as u64),
+                Arg::U64(n as u64),
+                Arg::U64(c0 as u64),
+                Arg::U64(cc as u64),
+                Arg::U64(per as u64),
+            ];
+            launch(&be.stream, f, (bx as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
+            Ok(splits)
+        })
     }
 }
 
-/// See [`CudaBackend::activation_backward_bias_grad`]: validates every handle, then runs the fused kernels
-/// (or `activation_backward` when there is no `dbias`).
-pub(crate) fn act_grad_bias(
+/// Blocks of `f` (launched with `(32, ROWS)` threads) the whole device holds at once; registers decide it, and
+/// the first passes size their grids from it.
+fn resident_blocks(be: &CudaBackend, f: cu::CUfunction) -> Result<usize> {
+    // SAFETY: `f` is a function of a module the backend keeps loaded; the query only reads its attributes.
+    let per_sm = unsafe { cur::occupancy::max_active_block_per_multiprocessor(f, (32 * ROWS) as i32, 0) }
+        .map_err(crate::driver("querying a kernel's occupancy"))?;
+    Ok(per_sm.max(1) as usize * be.sm_count as usize)
+}
+
+/// The column chunks both ops share: partial sums `[splits, cc]` f32 in the scratch for a chunk of `cc` columns
+/// at a time (all `n` when they fit, else whole `tile`s, so chunks keep the vector kernels' alignment).
+/// `first(be, c0, cc, max_splits, partial)` queues the first pass over the chunk and returns its splits; with
+/// `finish`, the finishing pass then adds the splits of each column into `dbias`.
+fn by_chunks(
     be: &mut CudaBackend,
-    act: Activation,
-    pre: Buf,
-    dy: Buf,
-    dbias: Option<Buf>,
     m: usize,
     n: usize,
+    tile: usize,
+    finish: Option<(cu::CUfunction, Buf)>,
+    mut first: impl FnMut(&mut CudaBackend, usize, usize, usize, u64) -> Result<usize>,
 ) -> Result<()> {
-    be.check(pre, "act_grad_bias pre")?;
-    be.check(dy, "act_grad_bias dy")?;
-    let len = m.checked_mul(n).ok_or(Error::ShapeMismatch {
-        what: "act_grad_bias m * n",
-        expected: dy.len,
-        got: usize::MAX,
-    })?;
-    CudaBackend::check_len(pre, len, "act_grad_bias pre")?;
-    CudaBackend::check_len(dy, len, "act_grad_bias dy")?;
-    let t = CudaBackend::float(dy, "act_grad_bias dy")?;
-    if pre.dtype != t {
-        return Err(Error::UnsupportedDType { what: "act_grad_bias pre (must match dy)", dtype: pre.dtype });
-    }
-    let (pre, dy) = (pre.prefix(len), dy.prefix(len));
-    // Shifted overlap would have threads read elements other threads have already overwritten.
-    if pre.overlaps(&dy) && pre.offset != dy.offset {
-        return Err(Error::InvalidConfig("act_grad_bias: pre overlaps dy (only pre == dy is allowed)"));
-    }
-    let Some(db) = dbias else {
-        // Nothing to sum: exactly activation_backward (dx over dy).
-        return if len == 0 { Ok(()) } else { be.activation_backward(act, pre, dy, dy) };
-    };
-    be.check(db, "act_grad_bias dbias")?;
-    CudaBackend::check_len(db, n, "act_grad_bias dbias")?;
-    let bt = CudaBackend::float(db, "act_grad_bias dbias")?;
-    let db = db.prefix(n);
-    if db.overlaps(&pre) || db.overlaps(&dy) {
-        return Err(Error::InvalidConfig("act_grad_bias: dbias overlaps pre or dy"));
-    }
-    if n == 0 {
-        return Ok(());
-    }
-    be.enter()?;
-    if m == 0 {
-        return be.memset(db, 0.0);
-    }
-
-    let (pp, dp) = (be.ptr(pre), be.ptr(dy));
-    // 16-byte groups (8 16-bit or 4 f32 elements) where every row starts on one: n a multiple of the group and
-    // both arrays 16-byte aligned (the arena's base is 256-byte aligned, so this is the Bufs' byte offsets).
-    let group = 16 / t.size();
-    let vec = n % group == 0 && pp % 16 == 0 && dp % 16 == 0;
-    let (name, per_thread) = if vec { ("act_grad_bias16", group) } else { ("act_grad_bias", 1) };
-    let tile = 32 * per_thread;
-    let f = be.kernels.get(Family::ActGrad, name, Some(t), None)?;
-    let finish = be.kernels.get(Family::ActGrad, "act_grad_finish", Some(bt), None)?;
-    // Blocks of this kernel one multiprocessor holds at once (registers decide it); the grid is sized from it.
-    // SAFETY: `f` is a function of a module this backend keeps loaded; the query only reads its attributes.
-    let resident = unsafe { cur::occupancy::max_active_block_per_multiprocessor(f, (32 * ROWS) as i32, 0) }
-        .map_err(crate::driver("querying a kernel's occupancy"))?
-        .max(1) as usize
-        * be.sm_count as usize;
-
-    // Partial sums [splits, cc] f32 in the scratch, a chunk of cc columns at a time: all of them when they fit,
-    // else whole tiles (so chunks keep the vector kernel's 16-byte alignment).
+    debug_assert!(m > 0 && n > 0);
     let partial = be.scratch + BIG_OFF as u64;
     let room = BIG_BYTES / 4;
     let chunk = if n <= room { n } else { room / tile * tile };
-    let (pre_arg, dy_arg) = (Arg::U64(pp), Arg::U64(dp));
     let mut c0 = 0;
     while c0 < n {
         let cc = (n - c0).min(chunk);
-        let bx = cc.div_ceil(tile);
-        let max_splits = (room / cc).clamp(1, 65535);
-        let want = (resident * WAVES).div_ceil(bx).min(m.div_ceil(MIN_ROWS)).clamp(1, max_splits);
-        let per = m.div_ceil(want);
-        let splits = m.div_ceil(per);
-        let args = [
-            Arg::I32(crate::act_code(act)),
-            pre_arg,
-            dy_arg,
-            Arg::U64(partial),
-            Arg::U64(m as u64),
-            Arg::U64(n as u64),
-            Arg::U64(c0 as u64),
-            Arg::U64(cc as u64),
-            Arg::U64(per as u64),
-        ];
-        launch(&be.stream, f, (bx as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
-        let args = [
-            Arg::U64(partial),
-            Arg::U64(be.ptr(db) + (c0 * bt.size()) as u64),
-            Arg::U64(cc as u64),
-            Arg::U64(splits as u64),
-        ];
-        launch(&be.stream, finish, (cc.div_ceil(32) as u32, 1, 1), (32, ROWS, 1), &args)?;
+        let splits = first(be, c0, cc, (room / cc).clamp(1, 65535), partial)?;
+        if let Some((finish, db)) = finish {
+            let args = [
+                Arg::U64(partial),
+                Arg::U64(be.ptr(db) + (c0 * db.dtype.size()) as u64),
+                Arg::U64(cc as u64),
+                Arg::U64(splits as u64),
+            ];
+            launch(&be.stream, finish, (cc.div_ceil(32) as u32, 1, 1), (32, ROWS, 1), &args)?;
+        }
         c0 += cc;
     }
     Ok(())
 }
 
-/// The largest k [`act_grad_bias_small_k`] takes (its kernels keep a thread's k x 4 slice of B in registers).
+/// The largest k [`CudaBackend::activation_backward_bias_grad_small_k`] takes (its kernels keep a thread's k x 4 slice of B in registers).
 pub(crate) const SMALL_K_MAX: usize = 16;
 /// Columns a thread of the small-k kernels handles (`SK_V` in `kernels/act_grad.cu`): one 8-byte (16-bit) or
 /// 16-byte (f32) load of `pre`, B's rows and store of `dx`.
@@ -203,156 +211,117 @@ impl CudaBackend {
         m: usize,
         n: usize,
     ) -> Result<bool> {
-        act_grad_bias_small_k(self, act, a, lda, b, ldb, k, pre, dx, dbias, m, n)
-    }
-}
-
-/// See [`CudaBackend::activation_backward_bias_grad_small_k`]: validates every handle (errors), then decides
-/// whether the small-k kernels take the problem (`Ok(false)` if not), then queues them (`Ok(true)`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn act_grad_bias_small_k(
-    be: &mut CudaBackend,
-    act: Activation,
-    a: Buf,
-    lda: usize,
-    b: Buf,
-    ldb: usize,
-    k: usize,
-    pre: Buf,
-    dx: Buf,
-    dbias: Option<Buf>,
-    m: usize,
-    n: usize,
-) -> Result<bool> {
-    be.check(a, "act_grad_bias_small_k A")?;
-    be.check(b, "act_grad_bias_small_k B")?;
-    be.check(pre, "act_grad_bias_small_k pre")?;
-    be.check(dx, "act_grad_bias_small_k dx")?;
-    let t = CudaBackend::float(dx, "act_grad_bias_small_k dx")?;
-    CudaBackend::float(a, "act_grad_bias_small_k A")?;
-    CudaBackend::float(b, "act_grad_bias_small_k B")?;
-    CudaBackend::float(pre, "act_grad_bias_small_k pre")?;
-    // Elements a row-major [rows, cols] operand with leading dimension ld spans (0 when it is empty).
-    let extent = |rows: usize, cols: usize, ld: usize| {
-        if rows == 0 || cols == 0 {
-            Some(0)
-        } else {
-            (rows - 1).checked_mul(ld)?.checked_add(cols)
-        }
-    };
-    let ea = extent(m, k, lda).ok_or(Error::InvalidConfig("act_grad_bias_small_k: A's extent overflows usize"))?;
-    let eb = extent(k, n, ldb).ok_or(Error::InvalidConfig("act_grad_bias_small_k: B's extent overflows usize"))?;
-    let len = m.checked_mul(n).ok_or(Error::ShapeMismatch {
-        what: "act_grad_bias_small_k m * n",
-        expected: dx.len,
-        got: usize::MAX,
-    })?;
-    CudaBackend::check_len(a, ea, "act_grad_bias_small_k A")?;
-    CudaBackend::check_len(b, eb, "act_grad_bias_small_k B")?;
-    CudaBackend::check_len(pre, len, "act_grad_bias_small_k pre")?;
-    CudaBackend::check_len(dx, len, "act_grad_bias_small_k dx")?;
-    let (a, b, pre, dx) = (a.prefix(ea), b.prefix(eb), pre.prefix(len), dx.prefix(len));
-    let db = match dbias {
-        Some(db) => {
-            be.check(db, "act_grad_bias_small_k dbias")?;
-            CudaBackend::check_len(db, n, "act_grad_bias_small_k dbias")?;
-            CudaBackend::float(db, "act_grad_bias_small_k dbias")?;
-            let db = db.prefix(n);
-            // As act_grad_bias (the unfused version refuses it too). Overlapping A or B would be harmless: dbias
-            // is written by the finishing pass, after every read of them.
-            if db.overlaps(&pre) || db.overlaps(&dx) {
-                return Err(Error::InvalidConfig("act_grad_bias_small_k: dbias overlaps pre or dx"));
+        let be = self;
+        be.check(a, "act_grad_bias_small_k A")?;
+        be.check(b, "act_grad_bias_small_k B")?;
+        be.check(pre, "act_grad_bias_small_k pre")?;
+        be.check(dx, "act_grad_bias_small_k dx")?;
+        let t = CudaBackend::float(dx, "act_grad_bias_small_k dx")?;
+        CudaBackend::float(a, "act_grad_bias_small_k A")?;
+        CudaBackend::float(b, "act_grad_bias_small_k B")?;
+        CudaBackend::float(pre, "act_grad_bias_small_k pre")?;
+        // Elements a row-major [rows, cols] operand with leading dimension ld spans (0 when it is empty).
+        let extent = |rows: usize, cols: usize, ld: usize| {
+            if rows == 0 || cols == 0 {
+                Some(0)
+            } else {
+                (rows - 1).checked_mul(ld)?.checked_add(cols)
             }
-            Some(db)
+        };
+        let ea = extent(m, k, lda).ok_or(Error::InvalidConfig("act_grad_bias_small_k: A's extent overflows usize"))?;
+        let eb = extent(k, n, ldb).ok_or(Error::InvalidConfig("act_grad_bias_small_k: B's extent overflows usize"))?;
+        let len = m.checked_mul(n).ok_or(Error::ShapeMismatch {
+            what: "act_grad_bias_small_k m * n",
+            expected: dx.len,
+            got: usize::MAX,
+        })?;
+        CudaBackend::check_len(a, ea, "act_grad_bias_small_k A")?;
+        CudaBackend::check_len(b, eb, "act_grad_bias_small_k B")?;
+        CudaBackend::check_len(pre, len, "act_grad_bias_small_k pre")?;
+        CudaBackend::check_len(dx, len, "act_grad_bias_small_k dx")?;
+        let (a, b, pre, dx) = (a.prefix(ea), b.prefix(eb), pre.prefix(len), dx.prefix(len));
+        let db = match dbias {
+            Some(db) => {
+                be.check(db, "act_grad_bias_small_k dbias")?;
+                CudaBackend::check_len(db, n, "act_grad_bias_small_k dbias")?;
+                CudaBackend::float(db, "act_grad_bias_small_k dbias")?;
+                let db = db.prefix(n);
+                // As act_grad_bias (the unfused version refuses it too). Overlapping A or B would be harmless: dbias
+                // is written by the finishing pass, after every read of them.
+                if db.overlaps(&pre) || db.overlaps(&dx) {
+                    return Err(Error::InvalidConfig("act_grad_bias_small_k: dbias overlaps pre or dx"));
+                }
+                Some(db)
+            }
+            None => None,
+        };
+
+        // What the kernels take.
+        if k == 0 || k > SMALL_K_MAX || a.dtype != t || b.dtype != t || pre.dtype != t {
+            return Ok(false);
         }
-        None => None,
-    };
-
-    // What the kernels take.
-    if k == 0 || k > SMALL_K_MAX || a.dtype != t || b.dtype != t || pre.dtype != t {
-        return Ok(false);
-    }
-    if dx.overlaps(&a) || dx.overlaps(&b) || dx.overlaps(&pre) {
-        return Ok(false);
-    }
-    if n == 0 {
-        return Ok(true);
-    }
-    let (ap, bp, pp, dp) = (be.ptr(a), be.ptr(b), be.ptr(pre), be.ptr(dx));
-    let bytes = (SK_V * t.size()) as u64;
-    if n % SK_V != 0 || ldb % SK_V != 0 || bp % bytes != 0 || pp % bytes != 0 || dp % bytes != 0 {
-        return Ok(false);
-    }
-    be.enter()?;
-    if m == 0 {
-        if let Some(db) = db {
-            be.memset(db, 0.0)?;
+        if dx.overlaps(&a) || dx.overlaps(&b) || dx.overlaps(&pre) {
+            return Ok(false);
         }
-        return Ok(true);
-    }
+        if n == 0 {
+            return Ok(true);
+        }
+        let (ap, bp, pp, dp) = (be.ptr(a), be.ptr(b), be.ptr(pre), be.ptr(dx));
+        let bytes = (SK_V * t.size()) as u64;
+        if n % SK_V != 0 || ldb % SK_V != 0 || bp % bytes != 0 || pp % bytes != 0 || dp % bytes != 0 {
+            return Ok(false);
+        }
+        be.enter()?;
+        if m == 0 {
+            if let Some(db) = db {
+                be.memset(db, 0.0)?;
+            }
+            return Ok(true);
+        }
 
-    // The kernel for the smallest K >= k of those instantiated (a K > k adds fmaf(0, 0, acc) terms, which
-    // leave the sums as they are): 10 for the classifier layers of 10 classes.
-    let name = match k {
-        1..=4 => "act_grad_small_k4",
-        5..=8 => "act_grad_small_k8",
-        9..=10 => "act_grad_small_k10",
-        11..=12 => "act_grad_small_k12",
-        _ => "act_grad_small_k16",
-    };
-    let f = be.kernels.get(Family::ActGrad, name, Some(t), None)?;
-    let finish = match db {
-        Some(db) => Some(be.kernels.get(Family::ActGrad, "act_grad_finish", Some(db.dtype), None)?),
-        None => None,
-    };
-    // SAFETY: `f` is a function of a module this backend keeps loaded; the query only reads its attributes.
-    let resident = unsafe { cur::occupancy::max_active_block_per_multiprocessor(f, (32 * ROWS) as i32, 0) }
-        .map_err(crate::driver("querying a kernel's occupancy"))?
-        .max(1) as usize
-        * be.sm_count as usize;
-
-    // As act_grad_bias: partial sums [splits, cc] f32 in the scratch, a chunk of cc columns (whole tiles) at a
-    // time. Splits: at most WAVES waves of resident blocks (rounded down, so that no last wave runs nearly
-    // empty), each split a multiple of SK_SPLIT_ROWS rows.
-    let tile = 32 * SK_V;
-    let partial = be.scratch + BIG_OFF as u64;
-    let room = BIG_BYTES / 4;
-    let chunk = if n <= room { n } else { room / tile * tile };
-    let mut c0 = 0;
-    while c0 < n {
-        let cc = (n - c0).min(chunk);
-        let bx = cc.div_ceil(tile);
-        let max_splits = (room / cc).clamp(1, 65535);
-        let want = (resident * WAVES / bx).min(m.div_ceil(SK_SPLIT_ROWS)).clamp(1, max_splits);
-        let per = m.div_ceil(want).div_ceil(SK_SPLIT_ROWS) * SK_SPLIT_ROWS;
-        let splits = m.div_ceil(per);
-        let args = [
-            Arg::I32(crate::act_code(act)),
-            Arg::U64(ap),
-            Arg::U64(lda as u64),
-            Arg::U64(bp),
-            Arg::U64(ldb as u64),
-            Arg::U64(k as u64),
-            Arg::U64(pp),
-            Arg::U64(dp),
-            Arg::U64(if db.is_some() { partial } else { 0 }),
-            Arg::U64(m as u64),
-            Arg::U64(n as u64),
-            Arg::U64(c0 as u64),
-            Arg::U64(cc as u64),
-            Arg::U64(per as u64),
-        ];
-        launch(&be.stream, f, (bx as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
-        if let (Some(db), Some(finish)) = (db, finish) {
+        // The kernel for the smallest K >= k of those instantiated (a K > k adds fmaf(0, 0, acc) terms, which
+        // leave the sums as they are): 10 for the classifier layers of 10 classes.
+        let name = match k {
+            1..=4 => "act_grad_small_k4",
+            5..=8 => "act_grad_small_k8",
+            9..=10 => "act_grad_small_k10",
+            11..=12 => "act_grad_small_k12",
+            _ => "act_grad_small_k16",
+        };
+        let f = be.kernels.get(Family::ActGrad, name, Some(t), None)?;
+        let finish = match db {
+            Some(db) => Some(be.kernels.get(Family::ActGrad, "act_grad_finish", Some(db.dtype), None)?),
+            None => None,
+        };
+        let resident = resident_blocks(be, f)?;
+        // Splits: at most WAVES waves of resident blocks (rounded down, so that no last wave runs nearly empty), each
+        // split a multiple of SK_SPLIT_ROWS rows.
+        let tile = 32 * SK_V;
+        let finish = finish.zip(db);
+        by_chunks(be, m, n, tile, finish, |be, c0, cc, max_splits, partial| {
+            let bx = cc.div_ceil(tile);
+            let want = (resident * WAVES / bx).min(m.div_ceil(SK_SPLIT_ROWS)).clamp(1, max_splits);
+            let per = m.div_ceil(want).div_ceil(SK_SPLIT_ROWS) * SK_SPLIT_ROWS;
+            let splits = m.div_ceil(per);
             let args = [
-                Arg::U64(partial),
-                Arg::U64(be.ptr(db) + (c0 * db.dtype.size()) as u64),
+                Arg::I32(crate::act_code(act)),
+                Arg::U64(ap),
+                Arg::U64(lda as u64),
+                Arg::U64(bp),
+                Arg::U64(ldb as u64),
+                Arg::U64(k as u64),
+                Arg::U64(pp),
+                Arg::U64(dp),
+                Arg::U64(if db.is_some() { partial } else { 0 }),
+                Arg::U64(m as u64),
+                Arg::U64(n as u64),
+                Arg::U64(c0 as u64),
                 Arg::U64(cc as u64),
-                Arg::U64(splits as u64),
+                Arg::U64(per as u64),
             ];
-            launch(&be.stream, finish, (cc.div_ceil(32) as u32, 1, 1), (32, ROWS, 1), &args)?;
-        }
-        c0 += cc;
+            launch(&be.stream, f, (bx as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
+            Ok(splits)
+        })?;
+        Ok(true)
     }
-    Ok(true)
 }

@@ -576,7 +576,7 @@ fn problem_key(g: &Gemm, kind: (u8, i32), vector: Option<Buf>, pre: Option<Buf>)
 }
 
 /// The composed version of a fused GEMM: [`gemm_fused_composed`] (the specification), except that the GELU
-/// backward and the bias gradient run as one pass ([`crate::act_grad::act_grad_bias`]: the same `dx` bit for
+/// backward and the bias gradient run as one pass ([`CudaBackend::activation_backward_bias_grad`]: the same `dx` bit for
 /// bit, the bias gradient summed in another order).
 fn composed(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue) -> Result<()> {
     match *ep {
@@ -584,7 +584,7 @@ fn composed(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue) -> Result<()> {
             be.enter()?;
             mantissa_core::Backend::gemm(be, g)?;
             let len = g.m * g.n;
-            crate::act_grad::act_grad_bias(be, act, pre.prefix(len), g.c.prefix(len), dbias, g.m, g.n)
+            be.activation_backward_bias_grad(act, pre.prefix(len), g.c.prefix(len), dbias, g.m, g.n)
         }
         _ => gemm_fused_composed(be, g, ep),
     }
@@ -595,8 +595,7 @@ fn small_k(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue) -> Result<bool> {
     match *ep {
         Epilogue::ActGrad { act, pre, dbias } if !g.trans_a && !g.trans_b && g.k <= crate::act_grad::SMALL_K_MAX => {
             let len = g.m * g.n;
-            crate::act_grad::act_grad_bias_small_k(
-                be,
+            be.activation_backward_bias_grad_small_k(
                 act,
                 g.a,
                 g.lda,
@@ -633,7 +632,7 @@ fn run(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant], choi
             mantissa_core::Backend::activation(be, act, pre.prefix(len), g.c.prefix(len))
         }
         (Post::ActGradBias, Epilogue::ActGrad { act, pre, dbias }) => {
-            crate::act_grad::act_grad_bias(be, act, pre.prefix(len), g.c.prefix(len), dbias, g.m, g.n)
+            be.activation_backward_bias_grad(act, pre.prefix(len), g.c.prefix(len), dbias, g.m, g.n)
         }
         _ => Err(Error::InvalidConfig("internal: a cuBLASLt variant for another epilogue")),
     }
