@@ -77,8 +77,9 @@ pub(crate) struct Lt {
     handle: Option<sys::cublasLtHandle_t>,
     /// `None`: cuBLASLt offered no algorithm for the variant (asked once).
     plans: HashMap<Key, Option<Plan>>,
-    /// What each problem runs, once measured (or, without autotune, decided).
-    choices: HashMap<Problem, Choice>,
+    /// What each problem runs, with its cuBLASLt variant resolved (a decided problem's call is one map lookup),
+    /// and whether it was measured. Unmeasured entries are the switches' defaults, dropped when a switch changes.
+    choices: HashMap<Problem, (Resolved, bool)>,
     /// GEMMs whose epilogue ran inside cuBLASLt.
     fused: u64,
     /// Whether `ActGrad` runs in cuBLASLt where nothing was measured (see [`CudaBackend::set_fuse_act_grad`]).
@@ -125,6 +126,13 @@ impl Lt {
     }
 }
 
+impl Lt {
+    /// Drops the decisions that were not measured: they follow the switches, which just changed.
+    fn forget_defaults(&mut self) {
+        self.choices.retain(|_, (_, measured)| *measured);
+    }
+}
+
 impl Drop for Lt {
     fn drop(&mut self) {
         self.plans.clear();
@@ -151,6 +159,7 @@ impl CudaBackend {
     /// forward ones do (bias 1.28x at k = 4096; bias + GELU 1.51-1.56x at k = 784, 1.20-1.30x at k = 4096).
     pub fn set_fuse_act_grad(&mut self, on: bool) {
         self.lt.act_grad = on;
+        self.lt.forget_defaults();
     }
 
     /// Whether a fused GEMM's first call outside a recording measures its candidates (on by default; PyTorch's
@@ -167,6 +176,7 @@ impl CudaBackend {
     /// in the environment: the backends opened afterwards start with it off).
     pub fn set_autotune(&mut self, on: bool) {
         self.lt.autotune = on;
+        self.lt.forget_defaults();
     }
 
     /// Problems whose work, `max(bytes of A, B and C, FLOPs / 256)`, is under `work` keep their default without
@@ -176,6 +186,7 @@ impl CudaBackend {
     /// run. For tests (0 tunes everything).
     pub fn set_autotune_min_work(&mut self, work: usize) {
         self.lt.min_work = work;
+        self.lt.forget_defaults();
     }
 
     /// One line per problem tuned so far (`lt_tune: problem=... chosen=... ms=...`), for reports.
@@ -410,29 +421,56 @@ pub(crate) fn gemm_fused(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue) -> Resul
         return composed(be, g, ep);
     };
     be.enter()?;
-    // The variants cuBLASLt has an algorithm for (asked once per variant).
-    let variants: Vec<Variant> = candidates(g, ep)
-        .into_iter()
-        .filter_map(|call| plan(be, handle, &lt_gemm(g, ep, call), call).map(|key| Variant { handle, key, call }))
-        .collect();
-    if variants.is_empty() {
-        return composed(be, g, ep);
-    }
     let problem = problem(g, ep);
-    let choice = match be.lt.choices.get(&problem).copied() {
-        Some(c) => c,
-        None if be.lt.autotune && !be.graphs.recording() && worth_tuning(be, g) => {
-            let c = tune(be, g, ep, &variants)?;
-            be.lt.choices.insert(problem, c);
-            c
+    let resolved = match be.lt.choices.get(&problem).copied() {
+        Some((r, _)) => r,
+        None => {
+            // The variants cuBLASLt has an algorithm for (asked once per variant).
+            let variants: Vec<Variant> = candidates(g, ep)
+                .into_iter()
+                .filter_map(|call| {
+                    plan(be, handle, &lt_gemm(g, ep, call), call).map(|key| Variant { handle, key, call })
+                })
+                .collect();
+            let measurable = be.lt.autotune && worth_tuning(be, g);
+            let tuned = measurable && !variants.is_empty() && !be.graphs.recording();
+            let choice = if variants.is_empty() {
+                Choice::Composed
+            } else if tuned {
+                tune(be, g, ep, &variants)?
+            } else {
+                default_choice(be.lt.act_grad, ep, &variants)
+            };
+            let r = resolve(choice, &variants);
+            // A default is not kept while a measurement is still to come (first seen while recording).
+            if tuned || !measurable || variants.is_empty() {
+                be.lt.choices.insert(problem, (r, tuned));
+            }
+            r
         }
-        None => default_choice(be.lt.act_grad, ep, &variants),
     };
-    run(be, g, ep, &variants, choice)?;
-    if let Choice::Lt { .. } = choice {
+    run(be, g, ep, resolved)?;
+    if let Resolved::Lt(..) = resolved {
         be.lt.fused += 1;
     }
     Ok(())
+}
+
+/// A decided problem, its cuBLASLt variant resolved from the candidate list.
+#[derive(Clone, Copy)]
+enum Resolved {
+    Composed,
+    SmallK,
+    /// The variant, and the index of its plan's algorithm.
+    Lt(Variant, usize),
+}
+
+fn resolve(choice: Choice, variants: &[Variant]) -> Resolved {
+    match choice {
+        Choice::Lt { variant, algo } => Resolved::Lt(variants[variant], algo),
+        Choice::SmallK => Resolved::SmallK,
+        Choice::Composed => Resolved::Composed,
+    }
 }
 
 /// A plain GEMM (`Backend::gemm`, no epilogue) with autotune on: cuBLAS (`gemm.rs`) is its default, and at its
@@ -451,27 +489,24 @@ pub(crate) fn gemm_plain(be: &mut CudaBackend, g: &Gemm) -> Result<bool> {
         return Ok(false);
     }
     let problem = problem_key(g, (3, g.ldc as i32), None, None);
-    let choice = match be.lt.choices.get(&problem).copied() {
-        Some(c) => c,
+    let resolved = match be.lt.choices.get(&problem).copied() {
+        Some((r, _)) => r,
         None if be.graphs.recording() || !worth_tuning(be, g) => return Ok(false),
         None => {
-            let call = PLAIN;
-            let c = match plan(be, handle, g, call) {
-                Some(key) => tune_plain(be, g, Variant { handle, key, call })?,
-                None => Choice::Composed,
+            let r = match plan(be, handle, g, PLAIN) {
+                Some(key) => {
+                    let v = Variant { handle, key, call: PLAIN };
+                    resolve(tune_plain(be, g, v)?, &[v])
+                }
+                None => Resolved::Composed,
             };
-            be.lt.choices.insert(problem, c);
-            c
+            be.lt.choices.insert(problem, (r, true));
+            r
         }
     };
-    match choice {
-        Choice::Composed | Choice::SmallK => Ok(false),
-        Choice::Lt { algo, .. } => {
-            let call = PLAIN;
-            let key = key(g, call);
-            matmul(be, g, Variant { handle, key, call }, algo)?;
-            Ok(true)
-        }
+    match resolved {
+        Resolved::Lt(v, algo) => matmul(be, g, v, algo).map(|_| true),
+        Resolved::Composed | Resolved::SmallK => Ok(false),
     }
 }
 
@@ -613,14 +648,13 @@ fn small_k(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue) -> Result<bool> {
     }
 }
 
-/// Runs `choice`.
-fn run(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant], choice: Choice) -> Result<()> {
-    let (variant, algo) = match choice {
-        Choice::Lt { variant, algo } => (variant, algo),
-        Choice::SmallK if small_k(be, g, ep)? => return Ok(()),
-        Choice::SmallK | Choice::Composed => return composed(be, g, ep),
+/// Runs a decided problem.
+fn run(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, resolved: Resolved) -> Result<()> {
+    let (v, algo) = match resolved {
+        Resolved::Lt(v, algo) => (v, algo),
+        Resolved::SmallK if small_k(be, g, ep)? => return Ok(()),
+        Resolved::SmallK | Resolved::Composed => return composed(be, g, ep),
     };
-    let v = *variants.get(variant).ok_or(Error::InvalidConfig("internal: no such cuBLASLt variant"))?;
     matmul(be, &lt_gemm(g, ep, v.call), v, algo)?;
     let len = g.m * g.n;
     match (v.call.post, *ep) {
@@ -678,7 +712,7 @@ fn tune(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant]) -> 
         let mut times = Vec::with_capacity(count);
         for algo in 0..count {
             let choice = Choice::Lt { variant: vi, algo };
-            let ms = time(be, |be| run(be, g, ep, variants, choice)).ok();
+            let ms = time(be, |be| run(be, g, ep, resolve(choice, variants))).ok();
             if let Some(ms) = ms {
                 if ms < best.0 {
                     best = (ms, choice);
