@@ -56,23 +56,35 @@ impl CudaBackend {
             .min(self.sm_count as usize * STREAM_BLOCKS_PER_SM)
     }
 
-    /// Launches an optimizer update: the vectorised `{base8}` kernel when every array in `ptrs` is 16-byte
-    /// aligned, on one wave of 256-thread blocks (8 parameters per thread per pass, at most
-    /// STREAM_BLOCKS_PER_SM blocks per SM), else the scalar `{base}` kernel. Both compute the same bits.
-    pub(crate) fn run_optim(
+    /// Launches an optimizer update over the `n` parameters of `p` (validated, `n > 0`). The kernels take
+    /// `(master, working, grad, state..., n, scalars..., write_working)`; an absent state array is 0 (SGD without
+    /// momentum). The vectorised `{base8}` kernel runs when every array is 16-byte aligned, on one wave of
+    /// 256-thread blocks (8 parameters per thread per pass, at most STREAM_BLOCKS_PER_SM blocks per SM), else the
+    /// scalar `{base}` kernel. Both compute the same bits.
+    pub(crate) fn optim(
         &mut self,
         (base, base8): (&'static str, &'static str),
-        wt: DType,
+        p: &ParamBufs,
         n: usize,
-        ptrs: &[u64],
-        args: &[Arg],
+        state: &[u64],
+        scalars: &[Arg],
     ) -> Result<()> {
-        if n >= 8 && ptrs.iter().all(|p| p % 16 == 0) {
+        self.enter()?;
+        let (wt, working, write) = self.working(p);
+        let (master, grad) = (self.ptr(p.master), self.ptr(p.grad));
+        let mut args = vec![Arg::U64(master), Arg::U64(working), Arg::U64(grad)];
+        args.extend(state.iter().map(|&s| Arg::U64(s)));
+        args.push(Arg::U64(n as u64));
+        args.extend_from_slice(scalars);
+        args.push(Arg::I32(write));
+        // An absent state array is not read: it does not decide the alignment.
+        let aligned = [master, working, grad].iter().chain(state.iter().filter(|&&s| s != 0)).all(|a| a % 16 == 0);
+        if n >= 8 && aligned {
             let f = self.kernels.get(Family::Optim, base8, Some(wt), None)?;
             let blocks = n.div_ceil(8 * 256).clamp(1, self.sm_count as usize * STREAM_BLOCKS_PER_SM);
-            launch(&self.stream, f, (blocks as u32, 1, 1), (256, 1, 1), args)
+            launch(&self.stream, f, (blocks as u32, 1, 1), (256, 1, 1), &args)
         } else {
-            self.run(Family::Optim, base, wt, None, n, args)
+            self.run(Family::Optim, base, wt, None, n, &args)
         }
     }
 
@@ -274,25 +286,10 @@ pub(crate) fn adamw_step_gated(be: &mut CudaBackend, p: &ParamBufs, s: &AdamWSte
     if n == 0 {
         return Ok(());
     }
-    be.enter()?;
-    let (wt, working, write) = be.working(p);
-    let args = [
-        Arg::U64(be.ptr(p.master)),
-        Arg::U64(working),
-        Arg::U64(be.ptr(p.grad)),
-        Arg::U64(be.ptr(p.state1)),
-        Arg::U64(be.ptr(p.state2)),
-        Arg::U64(n as u64),
-        Arg::F32(s.lr),
-        Arg::F32(s.beta1),
-        Arg::F32(s.beta2),
-        Arg::F32(s.eps),
-        Arg::F32(s.weight_decay),
-        Arg::U64(c),
-        Arg::I32(write),
-    ];
-    let ptrs = [be.ptr(p.master), working, be.ptr(p.grad), be.ptr(p.state1), be.ptr(p.state2)];
-    be.run_optim(("adamw_gated", "adamw8_gated"), wt, n, &ptrs, &args)
+    let state = [be.ptr(p.state1), be.ptr(p.state2)];
+    let scalars =
+        [Arg::F32(s.lr), Arg::F32(s.beta1), Arg::F32(s.beta2), Arg::F32(s.eps), Arg::F32(s.weight_decay), Arg::U64(c)];
+    be.optim(("adamw_gated", "adamw8_gated"), p, n, &state, &scalars)
 }
 
 /// `Backend::sgd_step_gated`: the fused SGD kernel, gated by the block, with its gradient multiplier.
@@ -302,22 +299,8 @@ pub(crate) fn sgd_step_gated(be: &mut CudaBackend, p: &ParamBufs, s: &SgdStep, c
     if n == 0 {
         return Ok(());
     }
-    be.enter()?;
-    let (wt, working, write) = be.working(p);
     let mom = if s.momentum != 0.0 { be.ptr(p.state1) } else { 0 };
-    let args = [
-        Arg::U64(be.ptr(p.master)),
-        Arg::U64(working),
-        Arg::U64(be.ptr(p.grad)),
-        Arg::U64(mom),
-        Arg::U64(n as u64),
-        Arg::F32(s.lr),
-        Arg::F32(s.momentum),
-        Arg::I32(s.nesterov as i32),
-        Arg::F32(s.weight_decay),
-        Arg::U64(c),
-        Arg::I32(write),
-    ];
-    let ptrs = [be.ptr(p.master), working, be.ptr(p.grad), if mom != 0 { mom } else { be.ptr(p.master) }];
-    be.run_optim(("sgd_gated", "sgd8_gated"), wt, n, &ptrs, &args)
+    let scalars =
+        [Arg::F32(s.lr), Arg::F32(s.momentum), Arg::I32(s.nesterov as i32), Arg::F32(s.weight_decay), Arg::U64(c)];
+    be.optim(("sgd_gated", "sgd8_gated"), p, n, &[mom], &scalars)
 }

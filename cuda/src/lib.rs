@@ -934,24 +934,15 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        self.enter()?;
-        let (wt, working, write) = self.working(p);
         let mom = if s.momentum != 0.0 { self.ptr(p.state1) } else { 0 };
-        let args = [
-            Arg::U64(self.ptr(p.master)),
-            Arg::U64(working),
-            Arg::U64(self.ptr(p.grad)),
-            Arg::U64(mom),
-            Arg::U64(n as u64),
+        let scalars = [
             Arg::F32(s.lr),
             Arg::F32(s.momentum),
             Arg::I32(s.nesterov as i32),
             Arg::F32(s.weight_decay),
             Arg::F32(s.grad_scale),
-            Arg::I32(write),
         ];
-        let ptrs = [self.ptr(p.master), working, self.ptr(p.grad), if mom != 0 { mom } else { self.ptr(p.master) }];
-        self.run_optim(("sgd", "sgd8"), wt, n, &ptrs, &args)
+        self.optim(("sgd", "sgd8"), p, n, &[mom], &scalars)
     }
 
     fn adamw_step(&mut self, p: &ParamBufs, s: &AdamWStep) -> Result<()> {
@@ -959,19 +950,11 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        self.enter()?;
-        let (wt, working, write) = self.working(p);
         // Per-step scalars computed as the reference computes them, in f32 on the host.
         let step_size = s.lr / s.bias_correction1;
         let bc2_sqrt = s.bias_correction2.sqrt();
         let decay = 1.0 - s.lr * s.weight_decay;
-        let args = [
-            Arg::U64(self.ptr(p.master)),
-            Arg::U64(working),
-            Arg::U64(self.ptr(p.grad)),
-            Arg::U64(self.ptr(p.state1)),
-            Arg::U64(self.ptr(p.state2)),
-            Arg::U64(n as u64),
+        let scalars = [
             Arg::F32(step_size),
             Arg::F32(bc2_sqrt),
             Arg::F32(decay),
@@ -979,10 +962,8 @@ impl Backend for CudaBackend {
             Arg::F32(s.beta2),
             Arg::F32(s.eps),
             Arg::F32(s.grad_scale),
-            Arg::I32(write),
         ];
-        let ptrs = [self.ptr(p.master), working, self.ptr(p.grad), self.ptr(p.state1), self.ptr(p.state2)];
-        self.run_optim(("adamw", "adamw8"), wt, n, &ptrs, &args)
+        self.optim(("adamw", "adamw8"), p, n, &[self.ptr(p.state1), self.ptr(p.state2)], &scalars)
     }
 
     fn synchronize(&mut self) -> Result<()> {
