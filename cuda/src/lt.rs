@@ -517,19 +517,16 @@ const PLAIN: Call =
 /// [`tune`] for a plain GEMM: cuBLAS (the default, `Choice::Composed` here) against cuBLASLt's algorithms.
 fn tune_plain(be: &mut CudaBackend, g: &Gemm, v: Variant) -> Result<Choice> {
     let cublas_ms = time(be, |be| crate::gemm::cublas(be, g))?;
-    let count = be.lt.plans.get(&v.key).and_then(|p| p.as_ref()).map_or(0, |p| p.algos.len());
+    let times = time_algos(be, v, |be, algo| matmul(be, g, v, algo));
     let mut best = (cublas_ms, Choice::Composed);
-    let mut times = Vec::with_capacity(count);
-    for algo in 0..count {
-        let ms = time(be, |be| matmul(be, g, v, algo)).ok();
-        if let Some(ms) = ms {
+    for (algo, ms) in times.iter().enumerate() {
+        if let Some(ms) = *ms {
             if ms < best.0 {
                 best = (ms, Choice::Lt { variant: 0, algo });
             }
         }
-        times.push(ms.map_or("refused".to_string(), |ms| format!("{ms:.4}")));
     }
-    if cublas_ms - best.0 < (TUNE_MARGIN * cublas_ms).max(TUNE_MIN_GAIN_MS) {
+    if !clear_win(cublas_ms, best.0) {
         best = (cublas_ms, Choice::Composed);
     }
     let chosen = match best.1 {
@@ -541,9 +538,31 @@ fn tune_plain(be: &mut CudaBackend, g: &Gemm, v: Variant) -> Result<Choice> {
          DEFAULT=[{}]",
         describe(g),
         best.0,
-        times.join(","),
+        times.iter().map(|&ms| fmt_ms(ms)).collect::<Vec<_>>().join(","),
     ));
     Ok(best.1)
+}
+
+/// The plan's algorithms of `v` timed one by one with `f(be, algo)` (see [`time`]); `None` where one failed.
+fn time_algos(
+    be: &mut CudaBackend,
+    v: Variant,
+    mut f: impl FnMut(&mut CudaBackend, usize) -> Result<()>,
+) -> Vec<Option<f32>> {
+    let count = be.lt.plans.get(&v.key).and_then(|p| p.as_ref()).map_or(0, |p| p.algos.len());
+    (0..count).map(|algo| time(be, |be| f(be, algo)).ok()).collect()
+}
+
+/// Whether a candidate at `best_ms` beats the default at `default_ms` clearly enough to replace it: the
+/// candidates run back to back on the same operands (warm in L2, unlike in a training step), and a near tie
+/// would make the choice, and so the rounding, vary between runs.
+fn clear_win(default_ms: f32, best_ms: f32) -> bool {
+    default_ms - best_ms >= (TUNE_MARGIN * default_ms).max(TUNE_MIN_GAIN_MS)
+}
+
+/// A timing for the tuning log.
+fn fmt_ms(ms: Option<f32>) -> String {
+    ms.map_or("refused".to_string(), |ms| format!("{ms:.4}"))
 }
 
 /// What a problem runs without a measurement: the epilogue inside cuBLASLt with the heuristic's first algorithm;
@@ -707,13 +726,11 @@ fn tune(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant]) -> 
         }
         report.push(format!("small_k=[{ms:.4}]"));
     }
-    for (vi, v) in variants.iter().enumerate() {
-        let count = be.lt.plans.get(&v.key).and_then(|p| p.as_ref()).map_or(0, |p| p.algos.len());
-        let mut times = Vec::with_capacity(count);
-        for algo in 0..count {
+    for (vi, &v) in variants.iter().enumerate() {
+        let times = time_algos(be, v, |be, algo| run(be, g, ep, Resolved::Lt(v, algo)));
+        for (algo, ms) in times.iter().enumerate() {
             let choice = Choice::Lt { variant: vi, algo };
-            let ms = time(be, |be| run(be, g, ep, resolve(choice, variants))).ok();
-            if let Some(ms) = ms {
+            if let Some(ms) = *ms {
                 if ms < best.0 {
                     best = (ms, choice);
                 }
@@ -721,16 +738,13 @@ fn tune(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant]) -> 
                     default_ms = Some(ms);
                 }
             }
-            times.push(ms.map_or("refused".to_string(), |ms| format!("{ms:.4}")));
         }
+        let times: Vec<String> = times.iter().map(|&ms| fmt_ms(ms)).collect();
         report.push(format!("{}=[{}]", variant_name(v.call), times.join(",")));
     }
-    // Leave the default only for a clear win: the candidates run back to back on the same operands (warm in
-    // L2, unlike in a training step), and a near tie would make the choice, and so the rounding, vary between
-    // runs. Small problems (the differences within the timer's noise) keep the default.
-    // (A default cuBLASLt refused at run time is no default.)
+    // Leave the default only for a clear win (a default cuBLASLt refused at run time is no default).
     let best = match default_ms {
-        Some(d) if d - best.0 < (TUNE_MARGIN * d).max(TUNE_MIN_GAIN_MS) => (d, default),
+        Some(d) if !clear_win(d, best.0) => (d, default),
         _ => best,
     };
     let name = |c: Choice| match c {
@@ -739,7 +753,7 @@ fn tune(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, variants: &[Variant]) -> 
         Choice::SmallK => "small_k".to_string(),
     };
     let (chosen, default) = (name(best.1), name(default));
-    let default_ms = default_ms.map_or("refused".to_string(), |ms| format!("{ms:.4}"));
+    let default_ms = fmt_ms(default_ms);
     be.lt.log.push(format!(
         "lt_tune: problem={} {} chosen={chosen} chosen_ms={:.4} default={default} default_ms={default_ms} \
          composed_ms={composed_ms:.4} {}",
