@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu-check.sh build   # here (no CUDA needed): release build of the examples and the cuda tests,
 #                                     # binaries copied (stripped) into .gpu/
-#   bash scripts/gpu-check.sh perf    # on the GPU machine: step times with and without autotune, PyTorch, per-op profile
+#   bash scripts/gpu-check.sh perf    # on the GPU machine: step times with one switch flipped (PERF_ALT), PyTorch, per-op profile
 #   bash scripts/gpu-check.sh run     # on the GPU machine, with .gpu/ carried over: nvidia-smi, every cuda test
 #                                     # binary with --include-ignored, mnist on the cuda backend, the step timing.
 #                                     # Logs go to $OUT (or ./gpu-out): nvidia-smi.txt, tests.log, mnist.log,
@@ -149,10 +149,12 @@ perf() {
     mkdir -p "$out"
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}
     : >"$out/perf.log"
-    # Autotune on and off, in both orders (clocks and L2 after the tuning runs could favour either).
+    # The default against one switch flipped (PERF_ALT, default --no-fused-head; --no-autotune was the one
+    # compared before), in both orders (clocks and L2 after the first runs could favour either).
+    local alt="${PERF_ALT:---no-fused-head}"
     for pass in 1 2; do
-        flags=("" --no-autotune)
-        [ "$pass" = 2 ] && flags=(--no-autotune "")
+        flags=("" "$alt")
+        [ "$pass" = 2 ] && flags=("$alt" "")
         for flag in "${flags[@]}"; do
             echo "=== gpu_report --mode graph --warmup 30 $flag (pass $pass)" >>"$out/perf.log"
             # shellcheck disable=SC2086

@@ -3,7 +3,8 @@
 //! `#[cfg]`.
 
 use mantissa_core::backend::{
-    Activation, AdamWStep, Backend, Capabilities, ConvGeom, Epilogue, Gemm, GradStats, ParamBufs, PoolGeom, SgdStep,
+    Activation, AdamWStep, Backend, Capabilities, ConvGeom, Epilogue, Gemm, GradStats, LinearActBackward, ParamBufs,
+    PoolGeom, SgdStep,
 };
 use mantissa_core::control::StepRule;
 use mantissa_core::{Buf, Error, Reference, Result};
@@ -248,6 +249,9 @@ impl Backend for AnyBackend<'_> {
     // silently run the host version on the device (tests/backends.rs `device_paths` checks the GPU's).
     fn gemm_fused(&mut self, g: &Gemm, ep: &Epilogue) -> Result<()> {
         dispatch!(self, b => b.gemm_fused(g, ep))
+    }
+    fn linear_act_backward(&mut self, op: &LinearActBackward) -> Result<()> {
+        dispatch!(self, b => b.linear_act_backward(op))
     }
     fn softmax_cross_entropy_scaled(
         &mut self,

@@ -952,6 +952,32 @@ fn device_paths() {
     be.gemm_fused(&Gemm::new(m, n, k, a, b, c).b_t(k), &Epilogue::BiasAct { bias, act: Activation::GeluTanh, pre })
         .unwrap();
     assert_eq!(fused_calls(&be), before + 1, "gemm_fused did not reach cuBLASLt through AnyBackend");
+    // A classifier layer's backward (4 outputs over pre [m, n]) reaches the one-pass kernel.
+    let head_calls = |be: &AnyBackend<'_>| match be {
+        AnyBackend::Cuda(g) => g.fused_head_calls(),
+        _ => unreachable!(),
+    };
+    let before = head_calls(&be);
+    let (dy, w, dx) =
+        (arena.alloc(dt, m * 4).unwrap(), arena.alloc(dt, 4 * n).unwrap(), arena.alloc(dt, m * n).unwrap());
+    be.upload(dy, &vec![0.25; m * 4]).unwrap();
+    be.upload(w, &vec![0.5; 4 * n]).unwrap();
+    let op = mantissa::backend::LinearActBackward {
+        act: Activation::GeluTanh,
+        rows: m,
+        i: n,
+        o: 4,
+        dy,
+        x: c,
+        pre,
+        w,
+        dx,
+        dw: None,
+        db: None,
+        prev_dbias: None,
+    };
+    be.linear_act_backward(&op).unwrap();
+    assert_eq!(head_calls(&be), before + 1, "linear_act_backward did not reach the CUDA kernel through AnyBackend");
     assert!(be.record_begin().unwrap(), "recording did not reach the CUDA backend");
     assert_eq!(be.record_end(false).unwrap(), None);
     // One decision on the device with an infinite gradient, against control::decide on the host.

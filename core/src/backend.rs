@@ -411,6 +411,53 @@ pub fn gemm_fused_composed<B: Backend + ?Sized>(be: &mut B, g: &Gemm, ep: &Epilo
     }
 }
 
+/// The backward pass of a linear layer through the activation before it (see
+/// [`crate::layers::Linear::backward_act`]), with `rows` samples, `i` in and `o` out features:
+///
+/// - `dw = dy^T x` (`[o, i]`), `db = sum_r dy[r]` (`[o]`): the layer's own gradients, when given;
+/// - `dx = (dy W) * act'(pre)` (`[rows, i]`, the product rounded to dx's dtype before the multiplication): the
+///   gradient with respect to the activation's input;
+/// - `prev_dbias = sum_r dx[r]` (`[i]`), when given: the bias gradient of the linear layer producing `pre`.
+///
+/// `x = act(pre)` is the layer's input as the forward pass stored it. Gradients are f32 and overwritten.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinearActBackward {
+    pub act: Activation,
+    pub rows: usize,
+    pub i: usize,
+    pub o: usize,
+    /// `[rows, o]`
+    pub dy: Buf,
+    /// `[rows, i]`
+    pub x: Buf,
+    /// `[rows, i]`
+    pub pre: Buf,
+    /// `[o, i]`, in the compute dtype.
+    pub w: Buf,
+    /// `[rows, i]`
+    pub dx: Buf,
+    pub dw: Option<Buf>,
+    pub db: Option<Buf>,
+    pub prev_dbias: Option<Buf>,
+}
+
+/// [`Backend::linear_act_backward`] composed from a GEMM, a bias gradient and a fused GEMM: the specification,
+/// and what host backends run.
+pub fn linear_act_backward_composed<B: Backend + ?Sized>(be: &mut B, op: &LinearActBackward) -> Result<()> {
+    let (i, o, rows) = (op.i, op.o, op.rows);
+    if let Some(dw) = op.dw {
+        be.gemm(&Gemm::new(o, i, rows, op.dy, op.x, dw).a_t(o))?;
+    }
+    if let Some(db) = op.db {
+        be.bias_grad(op.dy, db, rows, o, 1)?;
+    }
+    let n = rows * i;
+    op.dx.check_len(n, "linear_act_backward dx")?;
+    op.pre.check_len(n, "linear_act_backward pre")?;
+    let g = Gemm::new(rows, i, o, op.dy, op.w, op.dx.prefix(n));
+    be.gemm_fused(&g, &Epilogue::ActGrad { act: op.act, pre: op.pre.prefix(n), dbias: op.prev_dbias })
+}
+
 /// The operations of a training step over buffers in the backend's arena.
 ///
 /// Every method validates its handles against the arena and the op's dtype rules and returns an error
@@ -569,6 +616,12 @@ pub trait Backend {
     /// A GEMM with a fused epilogue (see [`Epilogue`]). The provided version composes unfused ops.
     fn gemm_fused(&mut self, g: &Gemm, ep: &Epilogue) -> Result<()> {
         gemm_fused_composed(self, g, ep)
+    }
+
+    /// A linear layer's backward through the activation before it, in as few passes as the backend can (see
+    /// [`LinearActBackward`]). The provided version composes a GEMM, `bias_grad` and `gemm_fused`.
+    fn linear_act_backward(&mut self, op: &LinearActBackward) -> Result<()> {
+        linear_act_backward_composed(self, op)
     }
 
     // ---- Steps decided where the data is (see `crate::control`). `ctl` is the control block: an I32 buffer

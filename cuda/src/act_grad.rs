@@ -124,7 +124,7 @@ impl CudaBackend {
 
 /// Blocks of `f` (launched with `(32, ROWS)` threads) the whole device holds at once; registers decide it, and
 /// the first passes size their grids from it.
-fn resident_blocks(be: &CudaBackend, f: cu::CUfunction) -> Result<usize> {
+pub(crate) fn resident_blocks(be: &CudaBackend, f: cu::CUfunction) -> Result<usize> {
     // SAFETY: `f` is a function of a module the backend keeps loaded; the query only reads its attributes.
     let per_sm = unsafe { cur::occupancy::max_active_block_per_multiprocessor(f, (32 * ROWS) as i32, 0) }
         .map_err(crate::driver("querying a kernel's occupancy"))?;

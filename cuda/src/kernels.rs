@@ -13,7 +13,7 @@ use mantissa_core::{DType, Error, Result};
 const COMMON: &str = include_str!("../kernels/common.cuh");
 
 /// The op families, in [`Family`] order: `(file name, source)`.
-const FAMILIES: [(&str, &str); 10] = [
+const FAMILIES: [(&str, &str); 11] = [
     ("elementwise.cu", include_str!("../kernels/elementwise.cu")),
     ("softmax_xent.cu", include_str!("../kernels/softmax_xent.cu")),
     ("conv.cu", include_str!("../kernels/conv.cu")),
@@ -24,6 +24,7 @@ const FAMILIES: [(&str, &str); 10] = [
     ("control.cu", include_str!("../kernels/control.cu")),
     ("skinny.cu", include_str!("../kernels/skinny.cu")),
     ("act_grad.cu", include_str!("../kernels/act_grad.cu")),
+    ("head.cu", include_str!("../kernels/head.cu")),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -38,6 +39,7 @@ pub(crate) enum Family {
     Control = 7,
     Skinny = 8,
     ActGrad = 9,
+    Head = 10,
 }
 
 /// `#define CTL_<WORD> <index>` for every word of the step-control block, from [`mantissa_core::control`] (the

@@ -35,6 +35,7 @@ mod act_grad;
 mod control;
 mod gemm;
 mod graph;
+mod head;
 mod kernels;
 mod lt;
 
@@ -117,6 +118,10 @@ pub struct CudaBackend {
     /// Whether the small-n and small-k skinny kernels (and the fused small-k `ActGrad`) run too; off by default:
     /// slower than cuBLAS on the H200 (numbers on `set_skinny_all`).
     skinny_all: bool,
+    /// Whether a classifier layer's backward runs as one pass (see `head.rs`).
+    fused_head: bool,
+    /// Calls the one-pass classifier backward took (for tests and reports).
+    head_calls: u64,
     /// Taken when the backend is dropped and released after every other field: no graph capture (on another
     /// thread) runs while this backend's memory, modules and handles are freed (see graph.rs).
     closing: Option<graph::Exclusive>,
@@ -247,6 +252,8 @@ impl CudaBackend {
             host: Vec::new(),
             skinny: true,
             skinny_all: false,
+            fused_head: true,
+            head_calls: 0,
             closing: None,
         })
     }
@@ -559,6 +566,10 @@ impl Backend for CudaBackend {
 
     fn gemm_fused(&mut self, g: &Gemm, ep: &mantissa_core::backend::Epilogue) -> Result<()> {
         lt::gemm_fused(self, g, ep)
+    }
+
+    fn linear_act_backward(&mut self, op: &mantissa_core::backend::LinearActBackward) -> Result<()> {
+        head::linear_act_backward(self, op)
     }
 
     fn add_bias(&mut self, y: Buf, bias: Buf, outer: usize, channels: usize, inner: usize) -> Result<()> {
@@ -1024,7 +1035,7 @@ impl Backend for CudaBackend {
     }
 }
 
-fn act_code(act: Activation) -> i32 {
+pub(crate) fn act_code(act: Activation) -> i32 {
     // ACT_RELU / ACT_GELU_TANH in kernels/common.cuh.
     match act {
         Activation::Relu => 0,

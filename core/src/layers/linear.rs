@@ -2,7 +2,7 @@
 
 use super::{block_count, weight_block, Bwd, Fwd, LayerParams};
 use crate::arena::Buf;
-use crate::backend::{Activation, Backend, Epilogue, Gemm};
+use crate::backend::{Activation, Backend, Epilogue, Gemm, LinearActBackward};
 use crate::error::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -89,9 +89,10 @@ impl Linear {
     }
 
     /// [`Linear::backward`] through the activation before this layer: `dx = (dy W) * act'(pre)`, the gradient
-    /// with respect to the activation's input `pre`, in one fused GEMM that also writes the bias gradient of
-    /// the linear layer producing `pre` (`prev_dbias`, when given). `io.dx` must be set; the weight must be
-    /// stored in the compute dtype.
+    /// with respect to the activation's input `pre`, with the layer's own gradients and the bias gradient of the
+    /// linear layer producing `pre` (`prev_dbias`, when given), as [`Backend::linear_act_backward`] fuses them
+    /// (one fused GEMM on every backend; one pass for a classifier layer on the GPU). `io.dx` must be set; the
+    /// weight must be stored in the compute dtype.
     pub fn backward_act<B: Backend>(
         &self,
         be: &mut B,
@@ -101,16 +102,20 @@ impl Linear {
         pre: Buf,
         prev_dbias: Option<Buf>,
     ) -> Result<()> {
-        let (i, o, rows) = (self.in_features, self.out_features, io.rows);
-        if let Some(dw) = p.dweight {
-            be.gemm(&Gemm::new(o, i, rows, io.dy, io.x, dw).a_t(o))?;
-        }
-        if let Some(db) = p.dbias {
-            be.bias_grad(io.dy, db, rows, o, 1)?;
-        }
         let dx = io.dx.ok_or(crate::error::Error::InvalidConfig("internal: backward_act without an input gradient"))?;
-        let n = rows * i;
-        let g = Gemm::new(rows, i, o, io.dy, p.weight, dx.prefix(n));
-        be.gemm_fused(&g, &Epilogue::ActGrad { act, pre: pre.prefix(n), dbias: prev_dbias })
+        be.linear_act_backward(&LinearActBackward {
+            act,
+            rows: io.rows,
+            i: self.in_features,
+            o: self.out_features,
+            dy: io.dy,
+            x: io.x,
+            pre,
+            w: p.weight,
+            dx,
+            dw: p.dweight,
+            db: p.dbias,
+            prev_dbias,
+        })
     }
 }

@@ -1,0 +1,179 @@
+//! A classifier layer's backward through the activation before it, in one pass (`kernels/head.cu`): for a
+//! linear layer of few outputs (`o <= 16`), `dW = dy^T act(pre)`, `dx = (dy W) * act'(pre)` and the previous
+//! layer's bias gradient `sum_r dx[r]` from one read of `pre` and one write of `dx`, plus a small deterministic
+//! finishing pass over per-split partial sums. Composed, the same backward reads the layer's input `x` in
+//! cuBLAS's `dW` GEMM, then reads `pre` and writes `dx` in the small-k product (`act_grad.rs`); at `o = 10` both
+//! run far from the memory-bandwidth bound. The layer's input is recomputed from `pre` (`act(pre)` rounded to
+//! the dtype, what the forward pass stored), so `x` is not read.
+//!
+//! Numerics against [`linear_act_backward_composed`]: `dx` from the same expression as the small-k kernel
+//! (the product in f32 from +0, classes ascending, rounded to the dtype, times `act'(pre)`); `dW` and the bias
+//! gradients sum the same terms in f32 in another (fixed) order. Repeated calls give the same bits.
+
+use mantissa_core::backend::{linear_act_backward_composed, LinearActBackward};
+use mantissa_core::{Buf, DType, Result};
+
+use crate::act_grad::resident_blocks;
+use crate::kernels::{launch, Arg, Family};
+use crate::{CudaBackend, BIG_BYTES, BIG_OFF};
+
+/// Thread rows per block (`HB_BY`): blocks are `(32, ROWS)`.
+const ROWS: u32 = 8;
+/// Columns a block covers (32 lanes, 2 columns each).
+const TILE: usize = 64;
+/// The most rows a split may have (`HB_SPLIT_MAX`: the block stages its split's `dy` rows in shared memory).
+const SPLIT_MAX: usize = 256;
+/// The fewest rows a split gets when there are enough rows (shorter ones add partial sums without spreading
+/// the work any better).
+const SPLIT_MIN: usize = 64;
+/// The most outputs the kernels take.
+pub const HEAD_MAX_OUT: usize = 16;
+
+/// [`mantissa_core::Backend::linear_act_backward`] for the CUDA backend: the one-pass kernel where it takes the problem and
+/// [`CudaBackend::set_fused_head`] is on, else the composed version.
+pub(crate) fn linear_act_backward(be: &mut CudaBackend, op: &LinearActBackward) -> Result<()> {
+    if be.fused_head && fused(be, op)? {
+        return Ok(());
+    }
+    linear_act_backward_composed(be, op)
+}
+
+/// Whether `b` lies in the arena, holds at least `len` elements and has a float dtype.
+fn valid(be: &CudaBackend, b: Buf, len: usize) -> bool {
+    be.check(b, "head").is_ok() && b.len >= len && b.dtype != DType::I32
+}
+
+/// Queues the fused backward and returns `true`, or returns `false` with nothing queued where the kernels do
+/// not take the problem: more than [`HEAD_MAX_OUT`] outputs, operands of different dtypes, an odd `i`,
+/// operands not aligned to two elements, `dx` overlapping what is read, a gradient overlapping an operand,
+/// or more rows than the scratch holds partial sums for. Invalid input also returns `false`: the composed
+/// version then reports it.
+fn fused(be: &mut CudaBackend, op: &LinearActBackward) -> Result<bool> {
+    let (rows, i, o) = (op.rows, op.i, op.o);
+    if o == 0 || o > HEAD_MAX_OUT || rows == 0 || i == 0 || i % 2 != 0 {
+        return Ok(false);
+    }
+    let Some(len) = rows.checked_mul(i) else { return Ok(false) };
+    let t = op.dx.dtype;
+    let operands = [(op.dy, rows * o), (op.w, o * i), (op.pre, len), (op.dx, len)];
+    if operands.iter().any(|&(b, n)| !valid(be, b, n) || b.dtype != t) {
+        return Ok(false);
+    }
+    let (dy, w, pre, dx) = (op.dy.prefix(rows * o), op.w.prefix(o * i), op.pre.prefix(len), op.dx.prefix(len));
+    if dx.overlaps(&dy) || dx.overlaps(&w) || dx.overlaps(&pre) {
+        return Ok(false);
+    }
+    let grads = [(op.dw, o * i), (op.db, o), (op.prev_dbias, i)];
+    for (g, n) in grads {
+        if let Some(g) = g {
+            let g = g.prefix(n.min(g.len));
+            if !valid(be, g, n) || [dy, w, pre, dx].iter().any(|b| b.overlaps(&g)) {
+                return Ok(false);
+            }
+        }
+    }
+    let (wp, pp, dp) = (be.ptr(w), be.ptr(pre), be.ptr(dx));
+    let pair = 2 * t.size() as u64;
+    if wp % pair != 0 || pp % pair != 0 || dp % pair != 0 {
+        return Ok(false);
+    }
+    let name = match o {
+        1..=4 => "head_bwd4",
+        5..=10 => "head_bwd10",
+        _ => "head_bwd16",
+    };
+    let f = be.kernels.get(Family::Head, name, Some(t), None)?;
+    // Splits: about two waves of resident blocks over the column tiles, each split SPLIT_MIN..=SPLIT_MAX rows.
+    let resident = resident_blocks(be, f)?;
+    let bx_all = i.div_ceil(TILE);
+    let want = (resident * 2).div_ceil(bx_all).max(1);
+    let per = rows.div_ceil(want).clamp(SPLIT_MIN.min(rows), SPLIT_MAX);
+    let splits = rows.div_ceil(per);
+    // The scratch: the splits' sums of the layer's own bias gradient [splits, o] first (16-byte aligned after
+    // them), then column chunks whose partial sums [splits, o + 1, cc] fit the rest.
+    let db_floats = (splits * o).div_ceil(4) * 4;
+    let room = (BIG_BYTES / 4).saturating_sub(db_floats) / ((o + 1) * splits);
+    let chunk = if i <= room { i } else { room / TILE * TILE };
+    if chunk == 0 || splits > 65535 {
+        return Ok(false);
+    }
+    be.enter()?;
+    let finish_w = match op.dw {
+        Some(g) => Some((be.kernels.get(Family::Head, "head_finish", Some(g.dtype), None)?, g)),
+        None => None,
+    };
+    let finish_b = match op.prev_dbias {
+        Some(g) => Some((be.kernels.get(Family::Head, "head_finish", Some(g.dtype), None)?, g)),
+        None => None,
+    };
+    let finish_db = match op.db {
+        Some(g) => Some((be.kernels.get(Family::Head, "head_finish", Some(g.dtype), None)?, g)),
+        None => None,
+    };
+    let dbp = be.scratch + BIG_OFF as u64;
+    let partial = dbp + (db_floats * 4) as u64;
+    let mut c0 = 0;
+    while c0 < i {
+        let cc = (i - c0).min(chunk);
+        let args = [
+            Arg::I32(crate::act_code(op.act)),
+            Arg::U64(be.ptr(dy)),
+            Arg::U64(o as u64),
+            Arg::U64(wp),
+            Arg::U64(pp),
+            Arg::U64(dp),
+            Arg::U64(partial),
+            // The first chunk's column tile 0 sums dy's columns.
+            Arg::U64(if c0 == 0 && finish_db.is_some() { dbp } else { 0 }),
+            Arg::U64(rows as u64),
+            Arg::U64(i as u64),
+            Arg::U64(c0 as u64),
+            Arg::U64(cc as u64),
+            Arg::U64(per as u64),
+        ];
+        launch(&be.stream, f, (cc.div_ceil(TILE) as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
+        let stride = ((o + 1) * cc) as u64;
+        // dW's rows (partial rows 0..o, out leading dimension i), then the previous bias (partial row o).
+        for (fin, first, n_rows, ld) in [(finish_w, 0, o, i), (finish_b, o, 1, 0)] {
+            if let Some((fin, g)) = fin {
+                let args = [
+                    Arg::U64(partial + (first * cc * 4) as u64),
+                    Arg::U64(stride),
+                    Arg::U64(be.ptr(g) + (c0 * g.dtype.size()) as u64),
+                    Arg::U64(ld as u64),
+                    Arg::U64(cc as u64),
+                    Arg::U64(splits as u64),
+                ];
+                launch(&be.stream, fin, (cc.div_ceil(32) as u32, n_rows as u32, 1), (32, ROWS, 1), &args)?;
+            }
+        }
+        c0 += cc;
+    }
+    if let Some((fin, g)) = finish_db {
+        let args = [
+            Arg::U64(dbp),
+            Arg::U64(o as u64),
+            Arg::U64(be.ptr(g)),
+            Arg::U64(0),
+            Arg::U64(o as u64),
+            Arg::U64(splits as u64),
+        ];
+        launch(&be.stream, fin, (1, 1, 1), (32, ROWS, 1), &args)?;
+    }
+    be.head_calls += 1;
+    Ok(true)
+}
+
+impl CudaBackend {
+    /// Whether [`mantissa_core::Backend::linear_act_backward`] runs a classifier layer (at most 16 outputs) as one pass
+    /// (`kernels/head.cu`); on by default. Off, it is composed: cuBLAS's weight gradient, `bias_grad`, and the
+    /// fused `ActGrad` GEMM (itself autotuned between cuBLAS plus `act_grad` and the small-k kernel).
+    pub fn set_fused_head(&mut self, on: bool) {
+        self.fused_head = on;
+    }
+
+    /// How many [`mantissa_core::Backend::linear_act_backward`] calls ran as one pass so far.
+    pub fn fused_head_calls(&self) -> u64 {
+        self.head_calls
+    }
+}
