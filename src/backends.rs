@@ -3,8 +3,8 @@
 //! `#[cfg]`.
 
 use mantissa_core::backend::{
-    Activation, AdamWStep, Backend, Capabilities, ConvGeom, Epilogue, Gemm, GradStats, LinearActBackward, ParamBufs,
-    PoolGeom, SgdStep,
+    Activation, AdamWStep, Backend, Capabilities, ConvGeom, Epilogue, Gemm, GradStats, LinearActBackward,
+    LinearActForward, ParamBufs, PoolGeom, SgdStep,
 };
 use mantissa_core::control::StepRule;
 use mantissa_core::{Buf, Error, Reference, Result};
@@ -249,6 +249,9 @@ impl Backend for AnyBackend<'_> {
     // silently run the host version on the device (tests/backends.rs `device_paths` checks the GPU's).
     fn gemm_fused(&mut self, g: &Gemm, ep: &Epilogue) -> Result<()> {
         dispatch!(self, b => b.gemm_fused(g, ep))
+    }
+    fn linear_act_forward(&mut self, op: &LinearActForward) -> Result<bool> {
+        dispatch!(self, b => b.linear_act_forward(op))
     }
     fn linear_act_backward(&mut self, op: &LinearActBackward) -> Result<()> {
         dispatch!(self, b => b.linear_act_backward(op))

@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use mantissa_core::backend::{
-    Activation, AdamWStep, Backend, Capabilities, ConvGeom, Epilogue, Gemm, GradStats, LinearActBackward, ParamBufs,
-    PoolGeom, SgdStep,
+    Activation, AdamWStep, Backend, Capabilities, ConvGeom, Epilogue, Gemm, GradStats, LinearActBackward,
+    LinearActForward, ParamBufs, PoolGeom, SgdStep,
 };
 use mantissa_core::control::StepRule;
 use mantissa_core::{Buf, DType, Result};
@@ -224,6 +224,14 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn gemm_fused(&mut self, g: &Gemm, ep: &Epilogue) -> Result<()> {
         self.time(|| gemm_name(&format!("gemm_fused[{}]", epilogue_name(ep)), g), g.flops(), |b| b.gemm_fused(g, ep))
+    }
+    fn linear_act_forward(&mut self, op: &LinearActForward) -> Result<bool> {
+        let flops = 2 * (op.rows as u64) * (op.i as u64) * (op.o as u64);
+        self.time(
+            || format!("linear_act_forward[{:?}] {}x{}x{} {}", op.act, op.rows, op.i, op.o, op.pre.dtype.name()),
+            flops,
+            |b| b.linear_act_forward(op),
+        )
     }
     fn linear_act_backward(&mut self, op: &LinearActBackward) -> Result<()> {
         let flops = 2 * (op.rows as u64) * (op.i as u64) * (op.o as u64) * if op.dw.is_some() { 2 } else { 1 };

@@ -969,6 +969,7 @@ fn device_paths() {
         o: 4,
         dy,
         x: c,
+        x_valid: true,
         pre,
         w,
         dx,

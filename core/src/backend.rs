@@ -419,7 +419,7 @@ pub fn gemm_fused_composed<B: Backend + ?Sized>(be: &mut B, g: &Gemm, ep: &Epilo
 ///   gradient with respect to the activation's input;
 /// - `prev_dbias = sum_r dx[r]` (`[i]`), when given: the bias gradient of the linear layer producing `pre`.
 ///
-/// `x = act(pre)` is the layer's input as the forward pass stored it. Gradients are f32 and overwritten.
+/// `x = act(pre)` is the layer's input. Gradients are f32 and overwritten.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LinearActBackward {
     pub act: Activation,
@@ -428,8 +428,11 @@ pub struct LinearActBackward {
     pub o: usize,
     /// `[rows, o]`
     pub dy: Buf,
-    /// `[rows, i]`
+    /// `[rows, i]`: the layer's input as the forward pass stored it, or room for it (see `x_valid`).
     pub x: Buf,
+    /// Whether `x` holds `act(pre)`: false after a [`Backend::linear_act_forward`] that did not write it. An
+    /// implementation that reads `x` then computes it first.
+    pub x_valid: bool,
     /// `[rows, i]`
     pub pre: Buf,
     /// `[o, i]`, in the compute dtype.
@@ -441,10 +444,49 @@ pub struct LinearActBackward {
     pub prev_dbias: Option<Buf>,
 }
 
+/// The most outputs a linear layer after an activation may have for the trainer to run the two as one
+/// [`Backend::linear_act_forward`] / [`Backend::linear_act_backward`] (a classifier head): where a backend fuses
+/// them, the layer's input is then never stored.
+pub const HEAD_MAX_OUT: usize = 16;
+
+/// The forward pass of a linear layer fed by an activation, with `rows` samples, `i` in and `o` out features:
+/// `x = act(pre)` (`[rows, i]`, the layer's input), `y = x W^T + b` (`[rows, o]`, the product rounded to y's
+/// dtype before the bias is added, as [`crate::layers::Linear::forward`] does).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinearActForward {
+    pub act: Activation,
+    pub rows: usize,
+    pub i: usize,
+    pub o: usize,
+    /// `[rows, i]`
+    pub pre: Buf,
+    /// `[rows, i]`: where `act(pre)` goes, if the backend stores it.
+    pub x: Buf,
+    /// `[o, i]`, in the compute dtype.
+    pub w: Buf,
+    /// `[o]`
+    pub b: Buf,
+    /// `[rows, o]`
+    pub y: Buf,
+}
+
+/// [`Backend::linear_act_forward`] composed from the activation, a GEMM and `add_bias`: the specification, and
+/// what host backends run. Stores `x`.
+pub fn linear_act_forward_composed<B: Backend + ?Sized>(be: &mut B, op: &LinearActForward) -> Result<()> {
+    let (i, o, rows) = (op.i, op.o, op.rows);
+    be.activation(op.act, op.pre.prefix(rows * i), op.x.prefix(rows * i))?;
+    op.y.check_len(rows * o, "linear_act_forward y")?;
+    be.gemm(&Gemm::new(rows, o, i, op.x, op.w, op.y.prefix(rows * o)).b_t(i))?;
+    be.add_bias(op.y.prefix(rows * o), op.b, rows, o, 1)
+}
+
 /// [`Backend::linear_act_backward`] composed from a GEMM, a bias gradient and a fused GEMM: the specification,
 /// and what host backends run.
 pub fn linear_act_backward_composed<B: Backend + ?Sized>(be: &mut B, op: &LinearActBackward) -> Result<()> {
     let (i, o, rows) = (op.i, op.o, op.rows);
+    if let (Some(_), false) = (op.dw, op.x_valid) {
+        be.activation(op.act, op.pre.prefix(rows * i), op.x.prefix(rows * i))?;
+    }
     if let Some(dw) = op.dw {
         be.gemm(&Gemm::new(o, i, rows, op.dy, op.x, dw).a_t(o))?;
     }
@@ -616,6 +658,14 @@ pub trait Backend {
     /// A GEMM with a fused epilogue (see [`Epilogue`]). The provided version composes unfused ops.
     fn gemm_fused(&mut self, g: &Gemm, ep: &Epilogue) -> Result<()> {
         gemm_fused_composed(self, g, ep)
+    }
+
+    /// A linear layer fed by an activation, forward, in as few passes as the backend can (see
+    /// [`LinearActForward`]). Returns whether `x` now holds `act(pre)` (a backend that computes `y` straight
+    /// from `pre` need not store it). The provided version composes the activation, a GEMM and `add_bias`.
+    fn linear_act_forward(&mut self, op: &LinearActForward) -> Result<bool> {
+        linear_act_forward_composed(self, op)?;
+        Ok(true)
     }
 
     /// A linear layer's backward through the activation before it, in as few passes as the backend can (see

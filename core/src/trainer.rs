@@ -197,6 +197,9 @@ pub struct Trainer<B: Backend> {
     /// that its first runs where the backend may still wait for the device (a CUDA backend then measures which
     /// GEMM algorithm to take, which it cannot do while recording).
     ran_direct: usize,
+    /// The activation layer whose output the last forward pass did not store (a classifier head computed its
+    /// logits straight from the activation's input): the backward pass recomputes it where it reads it.
+    unstored: Option<usize>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -286,6 +289,7 @@ impl<B: Backend> Trainer<B> {
             graphs: true,
             recorded: None,
             ran_direct: 0,
+            unstored: None,
         })
     }
 
@@ -605,11 +609,22 @@ impl<B: Backend> Trainer<B> {
                     Layer::Linear(_) => self.layer_params(i - 2, dtypes[i - 2], s).dbias,
                     _ => None,
                 };
-                lin.backward_act(&mut self.backend, &p, &io, act, s.acts[i - 2], prev_dbias)?;
+                let x_valid = self.unstored != Some(i - 1);
+                lin.backward_act(&mut self.backend, &p, &io, act, s.acts[i - 2], prev_dbias, x_valid)?;
                 dbias_done = prev_dbias.map(|_| i - 2);
                 dy = retype(dx, dtypes[i - 2], rows * layers[i - 1].in_shape().len());
                 i -= 1;
                 continue;
+            }
+            if let (Some(a), true) = (self.unstored, i >= 1) {
+                if a == i - 1 {
+                    // This layer reads its input, which the forward pass did not store.
+                    let act =
+                        layers[a].activation().ok_or(Error::InvalidConfig("internal: unstored non-activation"))?;
+                    let n = rows * layer.in_shape().len();
+                    self.backend.activation(act, s.acts[a - 1].prefix(n), s.acts[a].prefix(n))?;
+                    self.unstored = None;
+                }
             }
             layer.backward(&mut self.backend, &p, &io)?;
             if self.check_numerics {
@@ -664,9 +679,26 @@ impl<B: Backend> Trainer<B> {
         (same && s.casts[i].len == 0 && s.casts[i - 1].len == 0).then_some(act)
     }
 
+    /// The linear layer `i + 2` when linear layer `i`, the activation after it and that layer form a classifier
+    /// head the forward pass runs as [`crate::layers::Linear::forward_after_act`]: at most
+    /// [`crate::backend::HEAD_MAX_OUT`] outputs, one compute dtype and no casts, the weight stored in it,
+    /// check-numerics off (the caller has checked layer `i` and the activation).
+    fn head_after(&self, i: usize, dtypes: &[DType], s: &StepBufs) -> Option<crate::layers::Linear> {
+        let Some(&Layer::Linear(head)) = self.model.layers().get(i + 2) else { return None };
+        let d = dtypes[i];
+        let ok = head.out_features <= crate::backend::HEAD_MAX_OUT
+            && dtypes[i + 2] == d
+            && s.casts[i + 2].len == 0
+            && self.layer_params(i + 2, d, s).weight.dtype == d
+            && !s.acts[i + 2].overlaps(&s.acts[i])
+            && !s.acts[i + 2].overlaps(&s.acts[i + 1]);
+        ok.then_some(head)
+    }
+
     /// Runs the layers forward over `rows` samples already uploaded to `s.input`; returns the logits. A linear
     /// layer followed by an activation runs as one fused GEMM (unless check-numerics is on).
     fn forward(&mut self, s: &StepBufs, rows: usize) -> Result<Buf> {
+        self.unstored = None;
         let dtypes = self.model.out_dtypes(self.policy);
         let layers = self.model.layers();
         let mut x = s.input;
@@ -690,6 +722,18 @@ impl<B: Backend> Trainer<B> {
                     && dtypes.get(i + 1) == Some(&d)
                     && s.casts[i + 1].len == 0;
                 if let (true, Some(act)) = (fusable, next.activation()) {
+                    if let Some(head) = self.head_after(i, &dtypes, s) {
+                        // A classifier head: this layer with the bias in its epilogue, then the activation and
+                        // the head in one op, which may compute the logits without storing the activation.
+                        let ph = self.layer_params(i + 2, d, s);
+                        lin.forward_bias(&mut self.backend, &p, &io)?;
+                        let (pre, xa, y) = (s.acts[i], s.acts[i + 1], s.acts[i + 2]);
+                        let stored = head.forward_after_act(&mut self.backend, &ph, act, pre, xa, y, rows)?;
+                        self.unstored = (!stored).then_some(i + 1);
+                        x = y;
+                        i += 3;
+                        continue;
+                    }
                     lin.forward_act(&mut self.backend, &p, &io, act, s.acts[i + 1])?;
                     x = s.acts[i + 1];
                     i += 2;

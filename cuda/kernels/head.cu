@@ -271,6 +271,123 @@ __device__ void head_finish_impl(const float* partial, u64 stride, B* out, u64 l
     }
 }
 
+// ---- head_fwd: the forward pass, y = act(pre) W^T + b, without storing act(pre) ----
+//
+// head_fwd{NP}_{T}, for pre [m, n], W [o, n], bias [o] and y [m, o], all of storage type T, o <= NP:
+//   x[r, c] = round_T(act(pre[r, c]))                    (act_both's value, rounded as the stored x would be)
+//   y[r, p] = st(round_T(sum_c x[r, c] W[p, c]) + bias[p])  (the product rounded to T, then the bias added and
+//             rounded again: gemm then add_bias)
+// The sums are f32 fmaf: each lane adds its columns in ascending order, then the warp's lanes meet in a fixed
+// butterfly (warp_sum), so the result depends only on n.
+//
+// Layout: block (32, HF_BY); warp w of block b takes rows (b HF_BY + w) HF_R .. + HF_R (rows past m read row
+// m - 1 and store nothing); lane l takes the V = 16 / sizeof(T) columns l V + 32 V j, j = 0, 1, ... (one 16-byte
+// load of each row and of each of W's o rows a step; the host needs n a multiple of V and pre and W 16-byte
+// aligned), the next step's loads of pre in flight while this one computes. Rows of W past o (up to NP) add
+// fmaf(x, 0, acc) terms, which leave the sums as they are except that -0 becomes +0 (a zero sum is stored as
+// +0; the bias is added after).
+#define HF_BY 8
+#define HF_R 2
+
+template <typename T>
+struct alignas(16) HfVec {
+    T v[16 / sizeof(T)];
+};
+
+template <typename T>
+__device__ __forceinline__ HfVec<T> hf_ld(const T* p) {
+    HfVec<T> r;
+    *reinterpret_cast<uint4*>(&r) = *reinterpret_cast<const uint4*>(p);
+    return r;
+}
+
+template <typename T, int NP, int ACT>
+__device__ __forceinline__ void head_fwd_cols(const T* __restrict__ pre, const T* __restrict__ w, u64 o, u64 n,
+                                              const u64 (&rowoff)[HF_R], float (&acc)[HF_R][NP]) {
+    constexpr int V = 16 / sizeof(T);
+    u64 c = (u64)threadIdx.x * V;
+    if (c >= n) return;
+    HfVec<T> cur[HF_R];
+#pragma unroll
+    for (int r = 0; r < HF_R; r++) cur[r] = hf_ld(pre + rowoff[r] + c);
+#pragma unroll 1
+    for (; c < n; c += 32 * V) {
+        HfVec<T> nxt[HF_R];
+        const bool more = c + 32 * V < n;
+        if (more) {
+#pragma unroll
+            for (int r = 0; r < HF_R; r++) nxt[r] = hf_ld(pre + rowoff[r] + c + 32 * V);
+        }
+        float xv[HF_R][V];
+#pragma unroll
+        for (int r = 0; r < HF_R; r++) {
+#pragma unroll
+            for (int e = 0; e < V; e++) {
+                float h, d;
+                act_both<T, ACT>(ld(cur[r].v, e), h, d);
+                xv[r][e] = rnd_fast((const T*)0, h);
+            }
+        }
+        // W's rows without a branch between them, so that their loads are all in flight together: rows past o
+        // read row o - 1 and count as zeros.
+        HfVec<T> wq[NP];
+#pragma unroll
+        for (int p = 0; p < NP; p++) wq[p] = hf_ld(w + (u64)((u64)p < o ? p : o - 1) * n + c);
+#pragma unroll
+        for (int p = 0; p < NP; p++) {
+            const bool live = (u64)p < o;
+#pragma unroll
+            for (int e = 0; e < V; e++) {
+                const float wv = live ? ld(wq[p].v, e) : 0.0f;
+#pragma unroll
+                for (int r = 0; r < HF_R; r++) acc[r][p] = fmaf(xv[r][e], wv, acc[r][p]);
+            }
+        }
+        if (more) {
+#pragma unroll
+            for (int r = 0; r < HF_R; r++) cur[r] = nxt[r];
+        }
+    }
+}
+
+template <typename T, int NP>
+__device__ void head_fwd_impl(int act, const T* __restrict__ pre, const T* __restrict__ w,
+                              const T* __restrict__ bias, T* __restrict__ y, u64 o, u64 m, u64 n) {
+    const u64 row0 = ((u64)blockIdx.x * HF_BY + threadIdx.y) * HF_R;
+    if (row0 >= m) return;  // the whole warp: no block-wide barrier below
+    u64 rowoff[HF_R];
+#pragma unroll
+    for (int r = 0; r < HF_R; r++) rowoff[r] = min(row0 + r, m - 1) * n;
+    float acc[HF_R][NP];
+#pragma unroll
+    for (int r = 0; r < HF_R; r++) {
+#pragma unroll
+        for (int p = 0; p < NP; p++) acc[r][p] = 0.0f;
+    }
+    if (act == ACT_RELU) {
+        head_fwd_cols<T, NP, ACT_RELU>(pre, w, o, n, rowoff, acc);
+    } else {
+        head_fwd_cols<T, NP, ACT_GELU_TANH>(pre, w, o, n, rowoff, acc);
+    }
+    const unsigned lane = threadIdx.x;
+#pragma unroll
+    for (int r = 0; r < HF_R; r++) {
+        float mine = 0.0f;
+#pragma unroll
+        for (int p = 0; p < NP; p++) {
+            const float s = warp_sum(acc[r][p]);
+            if (lane == (unsigned)p) mine = s;
+        }
+        if ((u64)lane < o && row0 + r < m) st(y, (row0 + r) * o + lane, rnd((const T*)0, mine) + ld(bias, lane));
+    }
+}
+
+#define HEAD_FWD_ONE(tn, T, NP)                                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * HF_BY, 2) head_fwd##NP##_##tn(                          \
+        int act, const T* pre, const T* w, const T* bias, T* y, u64 o, u64 m, u64 n) {                       \
+        head_fwd_impl<T, NP>(act, pre, w, bias, y, o, m, n);                                                 \
+    }
+
 #define HEAD_BWD_ONE(tn, T, NP, MINB)                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * HB_BY, MINB) head_bwd##NP##_##tn(                        \
         int act, const T* dy, u64 o, const T* w, const T* pre, T* dx, float* partial, float* dbp, u64 m, u64 n, \
@@ -282,6 +399,9 @@ __device__ void head_finish_impl(const float* partial, u64 stride, B* out, u64 l
     HEAD_BWD_ONE(tn, T, 4, 3)                                                                                \
     HEAD_BWD_ONE(tn, T, 10, 2)                                                                               \
     HEAD_BWD_ONE(tn, T, 16, 2)                                                                               \
+    HEAD_FWD_ONE(tn, T, 4)                                                                                   \
+    HEAD_FWD_ONE(tn, T, 10)                                                                                  \
+    HEAD_FWD_ONE(tn, T, 16)                                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * HB_BY)                                                 \
         head_finish_##tn(const float* partial, u64 stride, T* out, u64 ld, u64 cc, u64 splits) {             \
         head_finish_impl(partial, stride, out, ld, cc, splits);                                              \

@@ -10,13 +10,17 @@
 //! (the product in f32 from +0, classes ascending, rounded to the dtype, times `act'(pre)`); `dW` and the bias
 //! gradients sum the same terms in f32 in another (fixed) order. Repeated calls give the same bits.
 
-use mantissa_core::backend::{linear_act_backward_composed, LinearActBackward};
+use mantissa_core::backend::{
+    linear_act_backward_composed, linear_act_forward_composed, LinearActBackward, LinearActForward, HEAD_MAX_OUT,
+};
 use mantissa_core::{Buf, DType, Result};
 
 use crate::act_grad::resident_blocks;
 use crate::kernels::{launch, Arg, Family};
 use crate::{CudaBackend, BIG_BYTES, BIG_OFF};
 
+/// Rows a warp of the forward kernel takes (`HF_R`); its blocks are `(32, ROWS)` too (`HF_BY`).
+const FWD_ROWS: usize = 2;
 /// Thread rows per block (`HB_BY`): blocks are `(32, ROWS)`.
 const ROWS: u32 = 8;
 /// Columns a block covers (32 lanes, 2 columns each).
@@ -26,8 +30,6 @@ const SPLIT_MAX: usize = 256;
 /// The fewest rows a split gets when there are enough rows (shorter ones add partial sums without spreading
 /// the work any better).
 const SPLIT_MIN: usize = 64;
-/// The most outputs the kernels take.
-pub const HEAD_MAX_OUT: usize = 16;
 
 /// [`mantissa_core::Backend::linear_act_backward`] for the CUDA backend: the one-pass kernel where it takes the problem and
 /// [`CudaBackend::set_fused_head`] is on, else the composed version.
@@ -36,6 +38,66 @@ pub(crate) fn linear_act_backward(be: &mut CudaBackend, op: &LinearActBackward) 
         return Ok(());
     }
     linear_act_backward_composed(be, op)
+}
+
+/// [`mantissa_core::Backend::linear_act_forward`] for the CUDA backend: the one-pass kernel (which does not
+/// store `act(pre)`: returns `false`) where it takes the problem and [`CudaBackend::set_fused_head`] is on,
+/// else the composed version (`true`).
+pub(crate) fn linear_act_forward(be: &mut CudaBackend, op: &LinearActForward) -> Result<bool> {
+    if be.fused_head && fused_forward(be, op)? {
+        return Ok(false);
+    }
+    linear_act_forward_composed(be, op)?;
+    Ok(true)
+}
+
+/// Queues the forward kernel and returns `true`, or returns `false` with nothing queued where it does not take
+/// the problem: more than [`HEAD_MAX_OUT`] outputs, operands (bias included) of different dtypes, `i` not a
+/// multiple of one 16-byte group (8 16-bit or 4 f32 elements), `pre` or W not 16-byte aligned, `y` overlapping
+/// an operand. Invalid input also returns `false`: the composed version then reports it.
+fn fused_forward(be: &mut CudaBackend, op: &LinearActForward) -> Result<bool> {
+    let (rows, i, o) = (op.rows, op.i, op.o);
+    let t = op.y.dtype;
+    if o == 0 || o > HEAD_MAX_OUT || rows == 0 || i == 0 || t == DType::I32 || i % (16 / t.size()) != 0 {
+        return Ok(false);
+    }
+    let Some(len) = rows.checked_mul(i) else { return Ok(false) };
+    let operands = [(op.pre, len), (op.w, o * i), (op.b, o), (op.y, rows * o)];
+    if operands.iter().any(|&(b, n)| !valid(be, b, n) || b.dtype != t) {
+        return Ok(false);
+    }
+    let (pre, w, b, y) = (op.pre.prefix(len), op.w.prefix(o * i), op.b.prefix(o), op.y.prefix(rows * o));
+    if y.overlaps(&pre) || y.overlaps(&w) || y.overlaps(&b) {
+        return Ok(false);
+    }
+    let (pp, wp) = (be.ptr(pre), be.ptr(w));
+    if pp % 16 != 0 || wp % 16 != 0 {
+        return Ok(false);
+    }
+    let name = match o {
+        1..=4 => "head_fwd4",
+        5..=10 => "head_fwd10",
+        _ => "head_fwd16",
+    };
+    let f = be.kernels.get(Family::Head, name, Some(t), None)?;
+    be.enter()?;
+    let args = [
+        Arg::I32(crate::act_code(op.act)),
+        Arg::U64(pp),
+        Arg::U64(wp),
+        Arg::U64(be.ptr(b)),
+        Arg::U64(be.ptr(y)),
+        Arg::U64(o as u64),
+        Arg::U64(rows as u64),
+        Arg::U64(i as u64),
+    ];
+    let blocks = rows.div_ceil(ROWS as usize * FWD_ROWS);
+    if blocks > u32::MAX as usize {
+        return Ok(false);
+    }
+    launch(&be.stream, f, (blocks as u32, 1, 1), (32, ROWS, 1), &args)?;
+    be.head_calls += 1;
+    Ok(true)
 }
 
 /// Whether `b` lies in the arena, holds at least `len` elements and has a float dtype.
@@ -165,14 +227,16 @@ fn fused(be: &mut CudaBackend, op: &LinearActBackward) -> Result<bool> {
 }
 
 impl CudaBackend {
-    /// Whether [`mantissa_core::Backend::linear_act_backward`] runs a classifier layer (at most 16 outputs) as one pass
-    /// (`kernels/head.cu`); on by default. Off, it is composed: cuBLAS's weight gradient, `bias_grad`, and the
-    /// fused `ActGrad` GEMM (itself autotuned between cuBLAS plus `act_grad` and the small-k kernel).
+    /// Whether a classifier layer (at most 16 outputs) after an activation runs as one pass forward and one
+    /// backward (`kernels/head.cu`); on by default. Off, both are composed: forward the activation, cuBLAS and
+    /// `add_bias`; backward cuBLAS's weight gradient, `bias_grad`, and the fused `ActGrad` GEMM (itself autotuned
+    /// between cuBLAS plus `act_grad` and the small-k kernel).
     pub fn set_fused_head(&mut self, on: bool) {
         self.fused_head = on;
     }
 
-    /// How many [`mantissa_core::Backend::linear_act_backward`] calls ran as one pass so far.
+    /// How many [`mantissa_core::Backend::linear_act_forward`] and [`mantissa_core::Backend::linear_act_backward`]
+    /// calls ran as one pass so far.
     pub fn fused_head_calls(&self) -> u64 {
         self.head_calls
     }

@@ -568,6 +568,10 @@ impl Backend for CudaBackend {
         lt::gemm_fused(self, g, ep)
     }
 
+    fn linear_act_forward(&mut self, op: &mantissa_core::backend::LinearActForward) -> Result<bool> {
+        head::linear_act_forward(self, op)
+    }
+
     fn linear_act_backward(&mut self, op: &mantissa_core::backend::LinearActBackward) -> Result<()> {
         head::linear_act_backward(self, op)
     }

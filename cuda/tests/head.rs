@@ -1,9 +1,11 @@
-//! `Backend::linear_act_backward` on the GPU (a classifier layer's backward as one pass, `kernels/head.cu`)
-//! against the scalar reference running `linear_act_backward_composed`, the specification, on identical
-//! inputs: f32, bf16 and f16; GELU (tanh) and ReLU; outputs o in {1, 3, 4, 10, 16} (the kernels' three
-//! instantiations, padded and exact), rows from 1 to 2048 (one split up to many), in-features from 2 to 4096
-//! (a partial last column tile); frozen weight and no previous bias (gradients `None`); then problems the
-//! kernels do not take (o = 17, an odd in-feature count), which run composed, and the same bits twice.
+//! `Backend::linear_act_forward` and `Backend::linear_act_backward` on the GPU (a classifier layer after an
+//! activation as one pass each way, `kernels/head.cu`) against the scalar reference running the composed
+//! versions, the specification, on identical inputs: f32, bf16 and f16; GELU (tanh) and ReLU; outputs o in
+//! {1, 3, 4, 10, 16} (the kernels' three instantiations, padded and exact), rows from 1 to 2048 (one split up to
+//! many), in-features from 2 to 4096 (a partial last column tile); frozen weight and no previous bias
+//! (gradients `None`). The GPU's backward gets the layer's input unwritten (`x_valid: false`, poisoned with
+//! NaN), as after its forward kernel. Then problems the kernels do not take (o = 17, in-feature counts they
+//! cannot vectorise), which run composed, and the same bits twice.
 //!
 //! Tolerances, per element, from the stored inputs in f64 (`d = act'(pre)`, `S_g = sum_p |dy w|`, `u` the
 //! unit roundoff of the dtype, `u32` of f32):
@@ -19,11 +21,14 @@
 //!   `sum_r |dy| ((2 u + (2 rows + 8) u32) |x| + e |pre|)`.
 //! - the layer's bias gradient: f32 summation order, `(2 rows + 4) u32 sum_r |dy|`.
 //! - the previous bias gradient: the column's sum of the dx tolerances plus f32 order `(2 rows + 4) u32 sum |dx|`.
+//! - forward y: the kernel's `x` against the reference's stored one as for dW (`2 u |x| + e |pre|` a term), f32
+//!   order over the `i` terms, then both round the product (`2 u |g|`) and the sum with the bias (`2 u (|g| + 1)`,
+//!   the bias being below 1).
 
 mod common;
 
 use common::{u, Both, FLOATS, GPU};
-use mantissa_core::backend::{Activation, LinearActBackward};
+use mantissa_core::backend::{Activation, LinearActBackward, LinearActForward};
 use mantissa_core::{Backend, Buf, DType};
 use mantissa_cuda::CudaBackend;
 
@@ -93,9 +98,12 @@ fn case(b: &mut Both, c: &Case) -> bool {
     } else {
         (None, None, None)
     };
-    let op = LinearActBackward { act, rows, i, o, dy, x, pre, w, dx, dw, db, prev_dbias: prev };
+    // The GPU gets x as the forward kernel leaves it (not written: poisoned here), the reference as stored.
+    let xg = b.nans(dt, rows * i);
+    let op = LinearActBackward { act, rows, i, o, dy, x, x_valid: true, pre, w, dx, dw, db, prev_dbias: prev };
+    let op_gpu = LinearActBackward { x: xg, x_valid: false, ..op };
     let before = b.gpu.fused_head_calls();
-    b.gpu.linear_act_backward(&op).unwrap();
+    b.gpu.linear_act_backward(&op_gpu).unwrap();
     let fused = b.gpu.fused_head_calls() > before;
     b.re.linear_act_backward(&op).unwrap();
 
@@ -177,6 +185,63 @@ fn classifier_backward_matches_the_reference() {
     }
 }
 
+/// The forward op on one problem, both sides; returns whether the GPU took the kernel (then x is not written).
+fn forward_case(b: &mut Both, dt: DType, act: Activation, rows: usize, i: usize, o: usize) -> bool {
+    let what = format!("forward {dt:?} {act:?} rows={rows} i={i} o={o}");
+    let mark = b.arena.mark();
+    let pre = b.random(dt, rows * i, -3.0, 3.0);
+    let w = b.random(dt, o * i, -0.5, 0.5);
+    let bias = b.random(dt, o, -1.0, 1.0);
+    let (x, y) = (b.nans(dt, rows * i), b.nans(dt, rows * o));
+    let op = LinearActForward { act, rows, i, o, pre, x, w, b: bias, y };
+    let before = b.gpu.fused_head_calls();
+    let stored = b.gpu.linear_act_forward(&op).unwrap();
+    let fused = b.gpu.fused_head_calls() > before;
+    assert_eq!(stored, !fused, "{what}: x is stored exactly when the kernel did not run");
+    assert!(b.re.linear_act_forward(&op).unwrap());
+    let get = |b: &mut Both, buf: Buf| b.get(buf).1.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    let (pv, wv, xs) = (get(b, pre), get(b, w), get(b, x));
+    let ut = u(dt);
+    let approx = dt != DType::F32 && act == Activation::GeluTanh;
+    let e_act = if approx { 2.5e-4 } else { 16.0 * U32 };
+    // y: the reference's x may differ from the kernel's by one rounding (2 u |x|) and e |pre| before it; f32
+    // order over i terms; then both round the product (2 u) and the sum with the bias (2 u |y|).
+    let tol: Vec<f64> = (0..rows * o)
+        .map(|j| {
+            let (r, p) = (j / o, j % o);
+            let (mut s, mut sp, mut g) = (0.0, 0.0, 0.0);
+            for k in 0..i {
+                let wk = wv[p * i + k];
+                s += (xs[r * i + k] * wk).abs();
+                sp += (pv[r * i + k] * wk).abs();
+                g += xs[r * i + k] * wk;
+            }
+            s * (2.0 * ut + (i as f64 + 2.0) * U32) + e_act * sp + 2.0 * ut * g.abs() + 2.0 * ut * (g.abs() + 1.0)
+        })
+        .collect();
+    b.compare_with(y, &what, |j, _| tol[j]);
+    b.arena.release(mark);
+    fused
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run scripts/gpu-check.sh)"]
+fn classifier_forward_matches_the_reference() {
+    let Some(mut b) = rig() else { return };
+    for dt in FLOATS {
+        for act in [Activation::GeluTanh, Activation::Relu] {
+            for (rows, i, o) in [(1, 8, 1), (7, 72, 3), (33, 136, 4), (300, 520, 10), (513, 96, 16), (2048, 4096, 10)] {
+                assert!(forward_case(&mut b, dt, act, rows, i, o), "{dt:?} {rows}x{i}x{o}: the kernel should take it");
+            }
+        }
+    }
+    // Not taken: 17 outputs; 12 in-features (not a multiple of 8 16-bit elements); switched off.
+    assert!(!forward_case(&mut b, DType::BF16, Activation::GeluTanh, 40, 64, 17));
+    assert!(!forward_case(&mut b, DType::BF16, Activation::GeluTanh, 40, 12, 10));
+    b.gpu.set_fused_head(false);
+    assert!(!forward_case(&mut b, DType::BF16, Activation::GeluTanh, 40, 64, 10));
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU (run scripts/gpu-check.sh)"]
 fn problems_the_kernel_does_not_take_run_composed() {
@@ -214,6 +279,7 @@ fn repeated_calls_give_the_same_bits() {
             o,
             dy,
             x,
+            x_valid: true,
             pre,
             w,
             dx,

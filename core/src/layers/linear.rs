@@ -2,7 +2,7 @@
 
 use super::{block_count, weight_block, Bwd, Fwd, LayerParams};
 use crate::arena::Buf;
-use crate::backend::{Activation, Backend, Epilogue, Gemm, LinearActBackward};
+use crate::backend::{Activation, Backend, Epilogue, Gemm, LinearActBackward, LinearActForward};
 use crate::error::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -88,11 +88,40 @@ impl Linear {
         be.gemm_fused(&g, &Epilogue::BiasAct { bias: p.bias, act, pre: io.y.prefix(n) })
     }
 
+    /// [`Linear::forward`] with the bias added in the GEMM's epilogue (where the backend fuses it). The weight
+    /// must be stored in the compute dtype.
+    pub fn forward_bias<B: Backend>(&self, be: &mut B, p: &LayerParams, io: &Fwd) -> Result<()> {
+        let (i, o, rows) = (self.in_features, self.out_features, io.rows);
+        let n = rows * o;
+        let g = Gemm::new(rows, o, i, io.x, p.weight, io.y.prefix(n)).b_t(i);
+        be.gemm_fused(&g, &Epilogue::Bias { bias: p.bias })
+    }
+
+    /// This layer fed by activation `act` of `pre` (the previous layer's output), in one op: `y = act(pre) W^T
+    /// + b`, with room `x` for the activation's output (see [`Backend::linear_act_forward`]). Returns whether
+    /// `x` was written. The weight must be stored in the compute dtype.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_after_act<B: Backend>(
+        &self,
+        be: &mut B,
+        p: &LayerParams,
+        act: Activation,
+        pre: Buf,
+        x: Buf,
+        y: Buf,
+        rows: usize,
+    ) -> Result<bool> {
+        let (i, o) = (self.in_features, self.out_features);
+        be.linear_act_forward(&LinearActForward { act, rows, i, o, pre, x, w: p.weight, b: p.bias, y })
+    }
+
     /// [`Linear::backward`] through the activation before this layer: `dx = (dy W) * act'(pre)`, the gradient
     /// with respect to the activation's input `pre`, with the layer's own gradients and the bias gradient of the
     /// linear layer producing `pre` (`prev_dbias`, when given), as [`Backend::linear_act_backward`] fuses them
     /// (one fused GEMM on every backend; one pass for a classifier layer on the GPU). `io.dx` must be set; the
-    /// weight must be stored in the compute dtype.
+    /// weight must be stored in the compute dtype. `x_valid`: whether `io.x` holds `act(pre)` (see
+    /// [`Linear::forward_after_act`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn backward_act<B: Backend>(
         &self,
         be: &mut B,
@@ -101,6 +130,7 @@ impl Linear {
         act: Activation,
         pre: Buf,
         prev_dbias: Option<Buf>,
+        x_valid: bool,
     ) -> Result<()> {
         let dx = io.dx.ok_or(crate::error::Error::InvalidConfig("internal: backward_act without an input gradient"))?;
         be.linear_act_backward(&LinearActBackward {
@@ -110,6 +140,7 @@ impl Linear {
             o: self.out_features,
             dy: io.dy,
             x: io.x,
+            x_valid,
             pre,
             w: p.weight,
             dx,
