@@ -23,11 +23,23 @@
 // walks the split's rows y, y + HB_BY, ... in order, HB_U at a time (all their loads issued before any
 // arithmetic, no branch between them). Lanes past the chunk's last column work on a clamped (valid) column and store nothing.
 //
+// NaN in, NaN out, but the kernels do not keep NaN payloads (ld_fast, rnd_fast).
+//
 // The host refuses any overlap of dx with dy, W or pre.
 
 #define HB_BY 8
 #define HB_U 4
 #define HB_SPLIT_MAX 256
+
+// Loads that widen without common.cuh's NaN payload handling (f16: one cvt; a NaN stays a NaN, its payload
+// becomes the canonical one): for values the kernels only compute with. bf16 and f32 widen exactly either way.
+__device__ __forceinline__ float ld_fast(const float* p, u64 i) { return p[i]; }
+__device__ __forceinline__ float ld_fast(const bf16* p, u64 i) { return ld(p, i); }
+__device__ __forceinline__ float ld_fast(const f16* p, u64 i) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i].bits));
+    return f;
+}
 
 // Two consecutive elements of T as one raw word (4 bytes for 16-bit T, 8 for f32).
 template <typename T>
@@ -36,7 +48,7 @@ struct HbIo {  // f16, bf16
     static __device__ __forceinline__ float get(R r, int i) {
         T h;
         h.bits = (unsigned short)(i ? (r >> 16) : (r & 0xffffu));
-        return ld(&h, 0);
+        return ld_fast(&h, 0);
     }
     static __device__ __forceinline__ R pack(const T (&d)[2]) { return (unsigned)d[0].bits | ((unsigned)d[1].bits << 16); }
 };
@@ -117,7 +129,7 @@ __device__ __forceinline__ void head_bwd_row(typename HbIo<T>::R pv, const float
 #pragma unroll
         for (int p = 0; p < NP; p++) g = fmaf(dl[p], wv[p][v], g);
         st(d, v, rnd_fast((const T*)0, g) * da);
-        ab[v] += ld(d, v);
+        ab[v] += ld_fast(d, v);
 #pragma unroll
         for (int p = 0; p < NP; p++) aw[p][v] = fmaf(dl[p], h, aw[p][v]);
     }
@@ -324,7 +336,7 @@ __device__ __forceinline__ void head_fwd_cols(const T* __restrict__ pre, const T
 #pragma unroll
             for (int e = 0; e < V; e++) {
                 float h, d;
-                act_both<T, ACT>(ld(cur[r].v, e), h, d);
+                act_both<T, ACT>(ld_fast(cur[r].v, e), h, d);
                 xv[r][e] = rnd_fast((const T*)0, h);
             }
         }
@@ -338,7 +350,7 @@ __device__ __forceinline__ void head_fwd_cols(const T* __restrict__ pre, const T
             const bool live = (u64)p < o;
 #pragma unroll
             for (int e = 0; e < V; e++) {
-                const float wv = live ? ld(wq[p].v, e) : 0.0f;
+                const float wv = live ? ld_fast(wq[p].v, e) : 0.0f;
 #pragma unroll
                 for (int r = 0; r < HF_R; r++) acc[r][p] = fmaf(xv[r][e], wv, acc[r][p]);
             }
