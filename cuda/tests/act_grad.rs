@@ -23,6 +23,7 @@
 
 mod common;
 
+use common::act_derivative;
 use mantissa_core::backend::{Activation, Gemm};
 use mantissa_core::rng::Rng;
 use mantissa_core::{Arena, Backend, Buf, DType, Error};
@@ -452,24 +453,6 @@ struct SkCase {
 impl SkCase {
     fn new(dt: DType, bt: Option<DType>, act: Activation, m: usize, n: usize, k: usize) -> SkCase {
         SkCase { dt, bt, act, m, n, k, pad: (0, 0), a_shift: 0, specials: false, with_gemm: true, twice: false }
-    }
-}
-
-/// act'(x) in f64 (the tolerance's scale only).
-fn act_derivative(act: Activation, x: f64) -> f64 {
-    match act {
-        Activation::Relu => {
-            if x > 0.0 {
-                1.0
-            } else {
-                0.0
-            }
-        }
-        Activation::GeluTanh => {
-            let (s, c) = (0.797_884_6, 0.044715);
-            let t = (s * (x + c * x * x * x)).tanh();
-            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * s * (1.0 + 3.0 * c * x * x)
-        }
     }
 }
 

@@ -14,30 +14,12 @@
 
 mod common;
 
-use common::{u, Both};
+use common::{rig_without_autotune as rig, u, Both};
 use mantissa_core::backend::{gemm_fused_composed, Activation, Epilogue, Gemm};
-use mantissa_core::{Arena, Backend, Buf, DType, Error};
-use mantissa_cuda::CudaBackend;
+use mantissa_core::{Arena, Backend, Buf, DType};
 
 const GELU_S: f64 = 0.797_884_560_802_865_4; // sqrt(2 / pi)
 const GELU_C: f64 = 0.044_715;
-
-/// A rig, or `None` (with a message) where no GPU can be opened.
-fn rig() -> Option<Both> {
-    match CudaBackend::new(0, 1 << 20) {
-        Ok(_) => {
-            let mut both = Both::new();
-            // The paths are chosen by the switches these tests set, not by timing (`autotune.rs` covers that).
-            both.gpu.set_autotune(false);
-            Some(both)
-        }
-        Err(Error::DeviceUnavailable(why)) => {
-            eprintln!("skipped: no usable GPU ({why})");
-            None
-        }
-        Err(e) => panic!("opening GPU 0: {e}"),
-    }
-}
 
 fn gelu_tanh(x: f64) -> f64 {
     0.5 * x * (1.0 + (GELU_S * (x + GELU_C * x * x * x)).tanh())

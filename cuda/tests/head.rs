@@ -27,46 +27,11 @@
 
 mod common;
 
-use common::{u, Both, FLOATS, GPU};
+use common::{act_derivative, rig_without_autotune as rig, u, Both, FLOATS, GPU};
 use mantissa_core::backend::{Activation, LinearActBackward, LinearActForward};
 use mantissa_core::{Backend, Buf, DType};
-use mantissa_cuda::CudaBackend;
 
-const GELU_S: f64 = 0.797_884_560_802_865_4;
-const GELU_C: f64 = 0.044_715;
 const U32: f64 = 1.0 / 16_777_216.0;
-
-fn act_grad(act: Activation, x: f64) -> f64 {
-    match act {
-        Activation::Relu => {
-            if x > 0.0 {
-                1.0
-            } else {
-                0.0
-            }
-        }
-        Activation::GeluTanh => {
-            let t = (GELU_S * (x + GELU_C * x * x * x)).tanh();
-            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_S * (1.0 + 3.0 * GELU_C * x * x)
-        }
-    }
-}
-
-/// A rig, or `None` (with a message) where no GPU can be opened.
-fn rig() -> Option<Both> {
-    match CudaBackend::new(0, 1 << 20) {
-        Ok(_) => {
-            let mut both = Both::new();
-            both.gpu.set_autotune(false);
-            Some(both)
-        }
-        Err(mantissa_core::Error::DeviceUnavailable(why)) => {
-            eprintln!("skipped: no usable GPU ({why})");
-            None
-        }
-        Err(e) => panic!("opening GPU 0: {e}"),
-    }
-}
 
 struct Case {
     dt: DType,
@@ -124,7 +89,7 @@ fn case(b: &mut Both, c: &Case) -> bool {
                 sg += (dyv[r * o + p] * wv[p * i + k]).abs();
             }
             let xp = prev_v[r * i + k];
-            let d = act_grad(act, xp).abs();
+            let d = act_derivative(act, xp).abs();
             let y = dx_ref[r * i + k].abs();
             tol_dx[r * i + k] = (2.0 * ut * g.abs() + (o as f64 + 2.0) * U32 * sg) * d
                 + 2.0 * ut * y

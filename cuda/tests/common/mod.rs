@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use mantissa_core::arena::{Arena, Buf};
+use mantissa_core::backend::Activation;
 use mantissa_core::rng::Rng;
 use mantissa_core::{Backend, DType, Reference};
 use mantissa_cuda::CudaBackend;
@@ -107,5 +108,41 @@ impl Both {
     /// Bit-for-bit (as f32 values; NaN equals NaN).
     pub fn exact(&mut self, b: Buf, what: &str) {
         self.compare(b, what, 0.0, 0.0);
+    }
+}
+
+/// A `Both` with GEMM autotune off (the paths are chosen by the switches a test sets, not by timing), or `None`
+/// (with a message) where no GPU can be opened.
+pub fn rig_without_autotune() -> Option<Both> {
+    match CudaBackend::new(0, 1 << 20) {
+        Ok(_) => {
+            let mut both = Both::new();
+            both.gpu.set_autotune(false);
+            Some(both)
+        }
+        Err(mantissa_core::Error::DeviceUnavailable(why)) => {
+            eprintln!("skipped: no usable GPU ({why})");
+            None
+        }
+        Err(e) => panic!("opening GPU 0: {e}"),
+    }
+}
+
+/// act'(x) in f64, for tolerances (GELU's tanh form: sqrt(2/pi), 0.044715).
+pub fn act_derivative(act: Activation, x: f64) -> f64 {
+    const S: f64 = 0.797_884_560_802_865_4;
+    const C: f64 = 0.044_715;
+    match act {
+        Activation::Relu => {
+            if x > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Activation::GeluTanh => {
+            let t = (S * (x + C * x * x * x)).tanh();
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * S * (1.0 + 3.0 * C * x * x)
+        }
     }
 }
