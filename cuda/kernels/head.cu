@@ -411,11 +411,355 @@ __device__ void head_fwd_impl(int act, const T* __restrict__ pre, const T* __res
     HEAD_BWD_ONE(tn, T, 4, 3)                                                                                \
     HEAD_BWD_ONE(tn, T, 10, 2)                                                                               \
     HEAD_BWD_ONE(tn, T, 16, 2)                                                                               \
-    HEAD_FWD_ONE(tn, T, 4)                                                                                   \
-    HEAD_FWD_ONE(tn, T, 10)                                                                                  \
-    HEAD_FWD_ONE(tn, T, 16)                                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * HB_BY)                                                 \
         head_finish_##tn(const float* partial, u64 stride, T* out, u64 ld, u64 cc, u64 splits) {             \
         head_finish_impl(partial, stride, out, ld, cc, splits);                                              \
     }
 FOR_FLOAT(HEAD)
+// The forward pass on CUDA cores for f32 (16-bit types take head_fwd_mma, below).
+HEAD_FWD_ONE(f32, float, 4)
+HEAD_FWD_ONE(f32, float, 10)
+HEAD_FWD_ONE(f32, float, 16)
+
+// ---- head_fwd_mma: the forward pass on tensor cores (16-bit T) ----
+//
+// head_fwd_mma_{T} computes what head_fwd does (x = round_T(act_both's act(pre)), y = st(round_T(x W^T) + b))
+// with mma.sync.m16n8k16 (T inputs, f32 accumulation) for the product: tensor cores add the products of a k
+// step in their own order, so y may differ from head_fwd's by f32 summation order. Up to 16 outputs (two
+// 8-column tiles of the product).
+//
+// Layout: a block of HM_WARPS warps takes 16 rows; warp w takes the in-features [w K / HM_WARPS, ...) in chunks
+// of 32, and the warps' partial products meet in shared memory, added in warp order. In a chunk, lane (g, t)
+// (g = lane / 4, t = lane % 4) loads 16 bytes of rows g and g + 8 (columns 8t .. 8t + 7 of the chunk), applies
+// the activation and rounds, and feeds them as the A fragments of two k16 steps: step s takes the lane's
+// columns 8t + 4s .. 8t + 4s + 3 as the fragment's logical columns {2t, 2t + 1, 2t + 8, 2t + 9}. Any
+// permutation of k serves a dot product as long as B sees the same one: the lane loads 16 bytes of W's row
+// 8j + g at the same columns, and those words are the B fragments as they lie in memory. Rows of W past o, and
+// columns past n (n a multiple of 8), count as zeros.
+#define HM_WARPS 8
+
+template <typename T>
+__device__ __forceinline__ void hm_mma(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                       unsigned b0, unsigned b1);
+template <>
+__device__ __forceinline__ void hm_mma<bf16>(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                             unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void hm_mma<f16>(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                            unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two values rounded to T, packed as a T pair (the first in the low half).
+__device__ __forceinline__ unsigned hm_pack(const bf16*, float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ unsigned hm_pack(const f16*, float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// The activation of the 8 values in raw (16 bytes of T), rounded to T and packed in pairs.
+template <typename T, int ACT>
+__device__ __forceinline__ void hm_act8(const uint4& raw, unsigned (&out)[4]) {
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        float h0, h1, d;
+        act_both<T, ACT>(ld_fast(v, 2 * q), h0, d);
+        act_both<T, ACT>(ld_fast(v, 2 * q + 1), h1, d);
+        out[q] = hm_pack((const T*)0, h0, h1);
+    }
+}
+
+template <typename T, int ACT>
+__device__ __forceinline__ void head_fwd_mma_cols(const T* __restrict__ pre, const T* __restrict__ w, u64 o, u64 n,
+                                                  u64 ra, u64 rb, u64 k0, u64 k1, float (&acc)[2][4]) {
+    const unsigned lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    // W's rows for the two column tiles of the product (clamped; zeroed past o).
+    const bool live0 = g < o, live1 = g + 8 < o;
+    const T* w0 = w + (u64)(live0 ? g : 0) * n;
+    const T* w1 = w + (u64)(live1 ? g + 8 : 0) * n;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    u64 c = k0 + 8 * t;
+    uint4 xa = c < k1 ? *reinterpret_cast<const uint4*>(pre + ra + c) : zero;
+    uint4 xb = c < k1 ? *reinterpret_cast<const uint4*>(pre + rb + c) : zero;
+#pragma unroll 1
+    for (; k0 < k1; k0 += 32) {
+        c = k0 + 8 * t;
+        const bool ok = c < k1;
+        // The next chunk's rows in flight while this one computes.
+        const u64 cn = c + 32;
+        uint4 na = zero, nb = zero;
+        if (cn < k1) {
+            na = *reinterpret_cast<const uint4*>(pre + ra + cn);
+            nb = *reinterpret_cast<const uint4*>(pre + rb + cn);
+        }
+        const uint4 wa = ok && live0 ? *reinterpret_cast<const uint4*>(w0 + c) : zero;
+        const uint4 wb = ok && live1 ? *reinterpret_cast<const uint4*>(w1 + c) : zero;
+        unsigned pa[4], pb[4];
+        hm_act8<T, ACT>(xa, pa);
+        hm_act8<T, ACT>(xb, pb);
+        if (!ok) {
+#pragma unroll
+            for (int q = 0; q < 4; q++) pa[q] = pb[q] = 0;
+        }
+        // Step 0: the lane's columns 8t .. 8t + 3; step 1: 8t + 4 .. 8t + 7.
+        hm_mma<T>(acc[0], pa[0], pb[0], pa[1], pb[1], wa.x, wa.y);
+        hm_mma<T>(acc[0], pa[2], pb[2], pa[3], pb[3], wa.z, wa.w);
+        if (o > 8) {
+            hm_mma<T>(acc[1], pa[0], pb[0], pa[1], pb[1], wb.x, wb.y);
+            hm_mma<T>(acc[1], pa[2], pb[2], pa[3], pb[3], wb.z, wb.w);
+        }
+        xa = na;
+        xb = nb;
+    }
+}
+
+template <typename T>
+__device__ void head_fwd_mma_impl(int act, const T* __restrict__ pre, const T* __restrict__ w,
+                                  const T* __restrict__ bias, T* __restrict__ y, u64 o, u64 m, u64 n) {
+    __shared__ float part[HM_WARPS][2][4][32];
+    const unsigned lane = threadIdx.x, warp = threadIdx.y, g = lane / 4, t = lane % 4;
+    const u64 r0 = (u64)blockIdx.x * 16;
+    const u64 ra = min(r0 + g, m - 1) * n, rb = min(r0 + g + 8, m - 1) * n;
+    // This warp's in-features: whole chunks of 32, the warps in order.
+    const u64 chunks = (n + 31) / 32, per = (chunks + HM_WARPS - 1) / HM_WARPS;
+    const u64 k0 = min(warp * per * 32, n), k1 = min((warp + 1) * per * 32, n);
+    float acc[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
+    }
+    if (act == ACT_RELU) {
+        head_fwd_mma_cols<T, ACT_RELU>(pre, w, o, n, ra, rb, k0, k1, acc);
+    } else {
+        head_fwd_mma_cols<T, ACT_GELU_TANH>(pre, w, o, n, ra, rb, k0, k1, acc);
+    }
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) part[warp][j][e][lane] = acc[j][e];
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    // acc[j][e]: row g + 8 (e / 2), output 8 j + 2 t + e % 2.
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float s = 0.0f;
+#pragma unroll
+            for (int q = 0; q < HM_WARPS; q++) s += part[q][j][e][lane];
+            const u64 row = r0 + g + 8 * (e / 2), col = 8 * j + 2 * t + e % 2;
+            if (row < m && col < o) st(y, row * o + col, rnd((const T*)0, s) + ld(bias, col));
+        }
+    }
+}
+
+#define HEAD_FWD_MMA(tn, T)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * HM_WARPS) head_fwd_mma_##tn(                            \
+        int act, const T* pre, const T* w, const T* bias, T* y, u64 o, u64 m, u64 n) {                       \
+        head_fwd_mma_impl<T>(act, pre, w, bias, y, o, m, n);                                                  \
+    }
+HEAD_FWD_MMA(bf16, bf16)
+HEAD_FWD_MMA(f16, f16)
+
+// ---- head_bwd_mma: the backward pass on tensor cores (16-bit T) ----
+//
+// head_bwd_mma_{T} computes what head_bwd does (see the top of the file; the same partial-sum layout, so the
+// same head_finish) with mma.sync.m16n8k16 for its two products: g = dy W (k = the outputs, padded to 16) and
+// dW += dy^T x (k = 16 rows at a time). Up to 16 outputs.
+//
+// Layout: blockIdx.x picks HM_WARPS x 32 columns of the chunk, one 32-column strip a warp; blockIdx.y a split
+// of rows_per_split rows (a multiple of 16), which each warp walks in tiles of 16 rows. Lane (g, t) holds
+// the 8 physical columns 8t .. 8t + 7 of its strip (one 16-byte load or store a row) for rows g and g + 8 of
+// the tile: in the product's tiles j = 0..3 those are its accumulator elements (row g or g + 8, logical column
+// 2t + e) at physical column 8t + 2j + e. B fragments use the same map: W's column for logical column n of
+// tile j is 8 (n / 2) + 2j + n % 2. x (rounded to T) goes from accumulator layout to B layout for the dW
+// product with movmatrix.trans (8x8 b16 transposes). The dy fragments are loaded per tile, in both
+// orientations; outputs and rows past their ends count as zeros. Sums per lane, then across the 8 lanes of a
+// column (xor shuffles, a fixed order); no atomics.
+template <typename T>
+__device__ __forceinline__ unsigned hm_bits2(const T* p, u64 i0, u64 i1, bool ok0, bool ok1) {
+    const unsigned lo = ok0 ? p[i0].bits : 0u, hi = ok1 ? p[i1].bits : 0u;
+    return lo | (hi << 16);
+}
+
+__device__ __forceinline__ unsigned hm_trans(unsigned a) {
+    unsigned d;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a));
+    return d;
+}
+
+template <typename T, int ACT>
+__device__ __forceinline__ void head_bwd_mma_rows(const T* __restrict__ dy, u64 o, const T* __restrict__ pre,
+                                                  T* __restrict__ dx, u64 n, u64 col, bool colok, u64 r0,
+                                                  u64 r1, const unsigned (&bw)[4][2], float (&aw)[4][4],
+                                                  float (&ab)[8], float (&ady)[2]) {
+    const unsigned lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    uint4 za = zero, zb = zero;
+    if (r0 < r1 && colok) {
+        za = *reinterpret_cast<const uint4*>(pre + min(r0 + g, r1 - 1) * n + col);
+        zb = *reinterpret_cast<const uint4*>(pre + min(r0 + g + 8, r1 - 1) * n + col);
+    }
+#pragma unroll 1
+    for (u64 r = r0; r < r1; r += 16) {
+        uint4 na = zero, nb = zero;
+        if (r + 16 < r1 && colok) {
+            na = *reinterpret_cast<const uint4*>(pre + min(r + 16 + g, r1 - 1) * n + col);
+            nb = *reinterpret_cast<const uint4*>(pre + min(r + 16 + g + 8, r1 - 1) * n + col);
+        }
+        const bool oka = r + g < r1, okb = r + g + 8 < r1;
+        // dy as the A fragment of g = dy W: rows (g, g + 8) x outputs (2t, 2t + 1, 2t + 8, 2t + 9).
+        const u64 ia = (r + g) * o, ib = (r + g + 8) * o;
+        const unsigned c0 = 2 * t, c1 = 2 * t + 8;
+        const unsigned a0 = hm_bits2(dy, ia + c0, ia + c0 + 1, oka && c0 < o, oka && c0 + 1 < o);
+        const unsigned a1 = hm_bits2(dy, ib + c0, ib + c0 + 1, okb && c0 < o, okb && c0 + 1 < o);
+        const unsigned a2 = hm_bits2(dy, ia + c1, ia + c1 + 1, oka && c1 < o, oka && c1 + 1 < o);
+        const unsigned a3 = hm_bits2(dy, ib + c1, ib + c1 + 1, okb && c1 < o, okb && c1 + 1 < o);
+        // dy^T as the A fragment of dW += dy^T x: outputs (g, g + 8) x rows (2t, 2t + 1, 2t + 8, 2t + 9).
+        const bool q0 = r + 2 * t < r1, q1 = r + 2 * t + 1 < r1, q2 = r + 2 * t + 8 < r1, q3 = r + 2 * t + 9 < r1;
+        const bool pg = g < o, ph = g + 8 < o;
+        const u64 j0 = (r + 2 * t) * o, j1 = j0 + o, j2 = (r + 2 * t + 8) * o, j3 = j2 + o;
+        const unsigned t0 = hm_bits2(dy, j0 + g, j1 + g, q0 && pg, q1 && pg);
+        const unsigned t1 = hm_bits2(dy, j0 + g + 8, j1 + g + 8, q0 && ph, q1 && ph);
+        const unsigned t2 = hm_bits2(dy, j2 + g, j3 + g, q2 && pg, q3 && pg);
+        const unsigned t3 = hm_bits2(dy, j2 + g + 8, j3 + g + 8, q2 && ph, q3 && ph);
+        // The layer's own bias gradient: this lane's share of dy's column sums (outputs g and g + 8).
+        {
+            const T* d0 = reinterpret_cast<const T*>(&t0);
+            const T* d1 = reinterpret_cast<const T*>(&t1);
+            const T* d2 = reinterpret_cast<const T*>(&t2);
+            const T* d3 = reinterpret_cast<const T*>(&t3);
+            ady[0] += (ld_fast(d0, 0) + ld_fast(d0, 1)) + (ld_fast(d2, 0) + ld_fast(d2, 1));
+            ady[1] += (ld_fast(d1, 0) + ld_fast(d1, 1)) + (ld_fast(d3, 0) + ld_fast(d3, 1));
+        }
+        const T* pa = reinterpret_cast<const T*>(&za);
+        const T* pb = reinterpret_cast<const T*>(&zb);
+        HfVec<T> da, db;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            hm_mma<T>(acc, a0, a1, a2, a3, bw[j][0], bw[j][1]);
+            float hx[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int k = 2 * j + e % 2;  // the element of the lane's 8 columns
+                const float z = ld_fast(e < 2 ? pa : pb, k);
+                float h, d;
+                act_both<T, ACT>(z, h, d);
+                hx[e] = h;
+                T* out = e < 2 ? da.v : db.v;
+                st(out, k, rnd_fast((const T*)0, acc[e]) * d);
+                if (e < 2 ? oka : okb) ab[k] += ld_fast(out, k);
+            }
+            // x rows g / g + 8 of tile j (zero past the split) to B layout for dW.
+            const unsigned xt = hm_pack((const T*)0, oka ? hx[0] : 0.0f, oka ? hx[1] : 0.0f);
+            const unsigned xb = hm_pack((const T*)0, okb ? hx[2] : 0.0f, okb ? hx[3] : 0.0f);
+            hm_mma<T>(aw[j], t0, t1, t2, t3, hm_trans(xt), hm_trans(xb));
+        }
+        if (colok) {
+            if (oka) *reinterpret_cast<uint4*>(dx + (r + g) * n + col) = *reinterpret_cast<const uint4*>(&da);
+            if (okb) *reinterpret_cast<uint4*>(dx + (r + g + 8) * n + col) = *reinterpret_cast<const uint4*>(&db);
+        }
+        za = na;
+        zb = nb;
+    }
+}
+
+template <typename T>
+__device__ void head_bwd_mma_impl(int act, const T* __restrict__ dy, u64 o, const T* __restrict__ w,
+                                  const T* __restrict__ pre, T* __restrict__ dx, float* __restrict__ partial,
+                                  float* __restrict__ dbp, u64 m, u64 n, u64 c0, u64 cc, u64 rows_per_split) {
+    const unsigned lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    const u64 strip = ((u64)blockIdx.x * HM_WARPS + threadIdx.y) * 32;  // in the chunk
+    const bool colok = strip + 8 * t < cc;                              // cc is a multiple of 8
+    const u64 col = c0 + strip + 8 * t;
+    const u64 r0 = (u64)blockIdx.y * rows_per_split;
+    const u64 r1 = min(r0 + rows_per_split, m);
+    // W as the B fragments of g = dy W: outputs (2t, 2t + 1, 2t + 8, 2t + 9) x this lane's column of each tile.
+    unsigned bw[4][2];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const u64 wc = min(c0 + strip + 8 * (g / 2) + 2 * j + g % 2, c0 + cc - 1);
+        const bool ok = strip + 8 * (g / 2) + 2 * j + g % 2 < cc;
+        bw[j][0] = hm_bits2(w, (u64)(2 * t) * n + wc, (u64)(2 * t + 1) * n + wc, ok && 2 * t < o, ok && 2 * t + 1 < o);
+        bw[j][1] = hm_bits2(w, (u64)(2 * t + 8) * n + wc, (u64)(2 * t + 9) * n + wc, ok && 2 * t + 8 < o,
+                            ok && 2 * t + 9 < o);
+    }
+    float aw[4][4], ab[8], ady[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) aw[j][e] = 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < 8; k++) ab[k] = 0.0f;
+    if (act == ACT_RELU) {
+        head_bwd_mma_rows<T, ACT_RELU>(dy, o, pre, dx, n, col, colok, r0, r1, bw, aw, ab, ady);
+    } else {
+        head_bwd_mma_rows<T, ACT_GELU_TANH>(dy, o, pre, dx, n, col, colok, r0, r1, bw, aw, ab, ady);
+    }
+    float* out = partial + (u64)blockIdx.y * (o + 1) * cc;
+    // dW: aw[j][e] is output g + 8 (e / 2) at physical column 8t + 2j + e % 2 of the strip.
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const u64 p = g + 8 * (e / 2), cj = strip + 8 * t + 2 * j + e % 2;
+            if (p < o && cj < cc) out[p * cc + cj] = aw[j][e];
+        }
+    }
+    // The previous bias: column sums over the 8 lanes of each column (g = 0..7), then lanes g == 0 store.
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        float v = ab[k];
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 8);
+        v += __shfl_xor_sync(0xffffffffu, v, 16);
+        ab[k] = v;
+    }
+    if (g == 0 && colok) {
+#pragma unroll
+        for (int k = 0; k < 8; k++) out[o * cc + strip + 8 * t + k] = ab[k];
+    }
+    // This layer's bias, once a split: the first warp of the grid's first column block, summed over t.
+    if (dbp != 0 && blockIdx.x == 0 && threadIdx.y == 0) {
+#pragma unroll
+        for (int q = 0; q < 2; q++) {
+            float v = ady[q];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            ady[q] = v;
+        }
+        if (t == 0) {
+            if (g < o) dbp[(u64)blockIdx.y * o + g] = ady[0];
+            if (g + 8 < o) dbp[(u64)blockIdx.y * o + g + 8] = ady[1];
+        }
+    }
+}
+
+#define HEAD_BWD_MMA(tn, T)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * HM_WARPS) head_bwd_mma_##tn(                            \
+        int act, const T* dy, u64 o, const T* w, const T* pre, T* dx, float* partial, float* dbp, u64 m,      \
+        u64 n, u64 c0, u64 cc, u64 rows_per_split) {                                                         \
+        head_bwd_mma_impl<T>(act, dy, o, w, pre, dx, partial, dbp, m, n, c0, cc, rows_per_split);            \
+    }
+HEAD_BWD_MMA(bf16, bf16)
+HEAD_BWD_MMA(f16, f16)

@@ -19,12 +19,15 @@ use crate::act_grad::resident_blocks;
 use crate::kernels::{launch, Arg, Family};
 use crate::{CudaBackend, BIG_BYTES, BIG_OFF};
 
-/// Rows a warp of the forward kernel takes (`HF_R`); its blocks are `(32, ROWS)` too (`HF_BY`).
+/// Rows a warp of the f32 forward kernel takes (`HF_R`); its blocks are `(32, ROWS)` too (`HF_BY`), as are the
+/// tensor-core forward kernel's (`HM_WARPS` warps over 16 rows).
 const FWD_ROWS: usize = 2;
 /// Thread rows per block (`HB_BY`): blocks are `(32, ROWS)`.
 const ROWS: u32 = 8;
-/// Columns a block covers (32 lanes, 2 columns each).
+/// Columns a block of the CUDA-core backward kernel covers (32 lanes, 2 columns each).
 const TILE: usize = 64;
+/// Columns a block of the tensor-core backward kernel covers (8 warps, 32 columns each).
+const MMA_TILE: usize = 256;
 /// The most rows a split may have (`HB_SPLIT_MAX`: the block stages its split's `dy` rows in shared memory).
 const SPLIT_MAX: usize = 256;
 /// The fewest rows a split gets when there are enough rows (shorter ones add partial sums without spreading
@@ -74,10 +77,12 @@ fn fused_forward(be: &mut CudaBackend, op: &LinearActForward) -> Result<bool> {
     if pp % 16 != 0 || wp % 16 != 0 {
         return Ok(false);
     }
-    let name = match o {
-        1..=4 => "head_fwd4",
-        5..=10 => "head_fwd10",
-        _ => "head_fwd16",
+    // 16-bit types on tensor cores (16 rows a block); f32 on CUDA cores (ROWS * FWD_ROWS rows a block).
+    let (name, rows_per_block) = match (t, o) {
+        (DType::BF16 | DType::F16, _) => ("head_fwd_mma", 16),
+        (_, 1..=4) => ("head_fwd4", ROWS as usize * FWD_ROWS),
+        (_, 5..=10) => ("head_fwd10", ROWS as usize * FWD_ROWS),
+        _ => ("head_fwd16", ROWS as usize * FWD_ROWS),
     };
     let f = be.kernels.get(Family::Head, name, Some(t), None)?;
     be.enter()?;
@@ -91,7 +96,7 @@ fn fused_forward(be: &mut CudaBackend, op: &LinearActForward) -> Result<bool> {
         Arg::U64(rows as u64),
         Arg::U64(i as u64),
     ];
-    let blocks = rows.div_ceil(ROWS as usize * FWD_ROWS);
+    let blocks = rows.div_ceil(rows_per_block);
     if blocks > u32::MAX as usize {
         return Ok(false);
     }
@@ -139,23 +144,28 @@ fn fused(be: &mut CudaBackend, op: &LinearActBackward) -> Result<bool> {
     if wp % pair != 0 || pp % pair != 0 || dp % pair != 0 {
         return Ok(false);
     }
-    let name = match o {
-        1..=4 => "head_bwd4",
-        5..=10 => "head_bwd10",
-        _ => "head_bwd16",
+    // 16-bit types on tensor cores where every row is whole 16-byte groups (MMA_TILE columns a block, splits
+    // of whole 16-row tiles, any length); otherwise CUDA cores (TILE columns, splits of at most SPLIT_MAX rows,
+    // whose dy the block stages in shared memory).
+    let mma = matches!(t, DType::BF16 | DType::F16) && i % 8 == 0 && pp % 16 == 0 && dp % 16 == 0;
+    let (name, tile, align, most) = match (mma, o) {
+        (true, _) => ("head_bwd_mma", MMA_TILE, 16, usize::MAX),
+        (false, 1..=4) => ("head_bwd4", TILE, 1, SPLIT_MAX),
+        (false, 5..=10) => ("head_bwd10", TILE, 1, SPLIT_MAX),
+        _ => ("head_bwd16", TILE, 1, SPLIT_MAX),
     };
     let f = be.kernels.get(Family::Head, name, Some(t), None)?;
-    // Splits: about two waves of resident blocks over the column tiles, each split SPLIT_MIN..=SPLIT_MAX rows.
+    // Splits: about two waves of resident blocks over the column tiles, each split at least SPLIT_MIN rows.
     let resident = resident_blocks(be, f)?;
-    let bx_all = i.div_ceil(TILE);
+    let bx_all = i.div_ceil(tile);
     let want = (resident * 2).div_ceil(bx_all).max(1);
-    let per = rows.div_ceil(want).clamp(SPLIT_MIN.min(rows), SPLIT_MAX);
+    let per = rows.div_ceil(want).clamp(SPLIT_MIN.min(rows), most).div_ceil(align) * align;
     let splits = rows.div_ceil(per);
     // The scratch: the splits' sums of the layer's own bias gradient [splits, o] first (16-byte aligned after
     // them), then column chunks whose partial sums [splits, o + 1, cc] fit the rest.
     let db_floats = (splits * o).div_ceil(4) * 4;
     let room = (BIG_BYTES / 4).saturating_sub(db_floats) / ((o + 1) * splits);
-    let chunk = if i <= room { i } else { room / TILE * TILE };
+    let chunk = if i <= room { i } else { room / tile * tile };
     if chunk == 0 || splits > 65535 {
         return Ok(false);
     }
@@ -193,7 +203,7 @@ fn fused(be: &mut CudaBackend, op: &LinearActBackward) -> Result<bool> {
             Arg::U64(cc as u64),
             Arg::U64(per as u64),
         ];
-        launch(&be.stream, f, (cc.div_ceil(TILE) as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
+        launch(&be.stream, f, (cc.div_ceil(tile) as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
         let stride = ((o + 1) * cc) as u64;
         // dW's rows (partial rows 0..o, out leading dimension i), then the previous bias (partial row o).
         for (fin, first, n_rows, ld) in [(finish_w, 0, o, i), (finish_b, o, 1, 0)] {

@@ -2,7 +2,8 @@
 //! activation as one pass each way, `kernels/head.cu`) against the scalar reference running the composed
 //! versions, the specification, on identical inputs: f32, bf16 and f16; GELU (tanh) and ReLU; outputs o in
 //! {1, 3, 4, 10, 16} (the kernels' three instantiations, padded and exact), rows from 1 to 2048 (one split up to
-//! many), in-features from 2 to 4096 (a partial last column tile); frozen weight and no previous bias
+//! many), in-features from 2 to 4096 (a partial last column tile; for 16-bit dtypes, in-feature counts that are
+//! multiples of 8 run the tensor-core kernels, the others the CUDA-core ones); frozen weight and no previous bias
 //! (gradients `None`). The GPU's backward gets the layer's input unwritten (`x_valid: false`, poisoned with
 //! NaN), as after its forward kernel. Then problems the kernels do not take (o = 17, in-feature counts they
 //! cannot vectorise), which run composed, and the same bits twice.
@@ -22,7 +23,8 @@
 //! - the layer's bias gradient: f32 summation order, `(2 rows + 4) u32 sum_r |dy|`.
 //! - the previous bias gradient: the column's sum of the dx tolerances plus f32 order `(2 rows + 4) u32 sum |dx|`.
 //! - forward y: the kernel's `x` against the reference's stored one as for dW (`2 u |x| + e |pre|` a term), f32
-//!   order over the `i` terms, then both round the product (`2 u |g|`) and the sum with the bias (`2 u (|g| + 1)`,
+//!   order over the `i` terms (tensor cores too: products of 16-bit values are exact in f32), then both round
+//!   the product (`2 u |g|`) and the sum with the bias (`2 u (|g| + 1)`,
 //!   the bias being below 1).
 
 mod common;
@@ -133,8 +135,17 @@ fn case(b: &mut Both, c: &Case) -> bool {
 fn classifier_backward_matches_the_reference() {
     let _ = GPU;
     let Some(mut b) = rig() else { return };
-    let shapes =
-        [(1, 2, 1), (7, 66, 3), (9, 130, 4), (300, 130, 10), (513, 96, 16), (1000, 4096, 10), (2048, 4096, 10)];
+    let shapes = [
+        (1, 2, 1),
+        (7, 66, 3),
+        (9, 130, 4),
+        (300, 130, 10),
+        (513, 96, 16),
+        (17, 8, 1),
+        (45, 264, 3),
+        (1000, 4096, 10),
+        (2048, 4096, 10),
+    ];
     for dt in FLOATS {
         for act in [Activation::GeluTanh, Activation::Relu] {
             for &(rows, i, o) in &shapes {
@@ -195,7 +206,9 @@ fn classifier_forward_matches_the_reference() {
     let Some(mut b) = rig() else { return };
     for dt in FLOATS {
         for act in [Activation::GeluTanh, Activation::Relu] {
-            for (rows, i, o) in [(1, 8, 1), (7, 72, 3), (33, 136, 4), (300, 520, 10), (513, 96, 16), (2048, 4096, 10)] {
+            for (rows, i, o) in
+                [(1, 8, 1), (7, 72, 3), (33, 136, 4), (300, 520, 10), (513, 96, 16), (45, 264, 3), (2048, 4096, 10)]
+            {
                 assert!(forward_case(&mut b, dt, act, rows, i, o), "{dt:?} {rows}x{i}x{o}: the kernel should take it");
             }
         }
