@@ -1,8 +1,10 @@
-// A classifier layer's backward through the activation before it, in one pass over the activation's input:
-// the backward of `logits = act(pre) W^T + b` for a layer of few outputs (o <= 16 classes), which on the GPU
-// is otherwise three memory-bound passes over [rows, i] (cuBLAS's dW = dy^T x reading x, then the small-k
-// product dx = dy W with the activation backward reading pre and writing dx; each far from the bandwidth
-// bound at o = 10).
+// A classifier layer's forward and backward through the activation before it, each in one pass over the
+// activation's input: `logits = act(pre) W^T + b` for a layer of few outputs (o <= 16), which on the GPU is
+// otherwise the previous GEMM's GELU epilogue storing act(pre), cuBLAS and add_bias forward, and three
+// memory-bound passes over [rows, i] backward (cuBLAS's dW = dy^T x reading x, then the small-k product
+// dx = dy W with the activation backward reading pre and writing dx; each far from the bandwidth bound at
+// o = 10). Kernels: head_fwd* (f32) and head_bwd* (f32, and 16-bit rows that are not whole 16-byte groups)
+// on CUDA cores, head_fwd_mma / head_bwd_mma on tensor cores (bf16, f16), head_finish for the partial sums.
 //
 // head_bwd{NP}_{T}, for dy [m, o], W [o, n] (row-major, the layer's weight [O, I]), pre [m, n], all of storage
 // type T, o <= NP (the host picks the smallest NP >= o of 4, 10, 16):

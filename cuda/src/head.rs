@@ -1,14 +1,21 @@
-//! A classifier layer's backward through the activation before it, in one pass (`kernels/head.cu`): for a
-//! linear layer of few outputs (`o <= 16`), `dW = dy^T act(pre)`, `dx = (dy W) * act'(pre)` and the previous
-//! layer's bias gradient `sum_r dx[r]` from one read of `pre` and one write of `dx`, plus a small deterministic
-//! finishing pass over per-split partial sums. Composed, the same backward reads the layer's input `x` in
-//! cuBLAS's `dW` GEMM, then reads `pre` and writes `dx` in the small-k product (`act_grad.rs`); at `o = 10` both
-//! run far from the memory-bandwidth bound. The layer's input is recomputed from `pre` (`act(pre)` rounded to
-//! the dtype, what the forward pass stored), so `x` is not read.
+//! A classifier layer after an activation, one pass each way (`kernels/head.cu`), for a linear layer of few
+//! outputs (`o <= 16`):
 //!
-//! Numerics against [`linear_act_backward_composed`]: `dx` from the same expression as the small-k kernel
-//! (the product in f32 from +0, classes ascending, rounded to the dtype, times `act'(pre)`); `dW` and the bias
-//! gradients sum the same terms in f32 in another (fixed) order. Repeated calls give the same bits.
+//! - forward: `y = act(pre) W^T + b` from one read of `pre`; `act(pre)` is not stored (the caller learns so from
+//!   the return value and passes it to the backward as `x_valid`).
+//! - backward: `dW = dy^T act(pre)`, `dx = (dy W) * act'(pre)`, the layer's bias gradient and the previous
+//!   layer's `sum_r dx[r]` from one read of `pre` and one write of `dx`, plus a small deterministic finishing
+//!   pass over per-split partial sums. The layer's input is recomputed from `pre`, so `x` is not read.
+//!
+//! Composed, the forward is the previous GEMM's GELU epilogue writing `x`, then cuBLAS reading it and
+//! `add_bias`; the backward is cuBLAS's `dW` GEMM reading `x`, then the small-k product reading `pre` and
+//! writing `dx` (`act_grad.rs`), each far from the bandwidth bound at `o = 10`. bf16 and f16 run the products on
+//! tensor cores (`mma.sync`) where every row is whole 16-byte groups; f32 and other shapes on CUDA cores.
+//!
+//! Numerics against the composed versions: `x` rounded to the dtype as the forward would store it (GELU with
+//! the hardware tanh for 16-bit dtypes: see head.cu); the product `dy W` in f32 rounded to the dtype, times
+//! `act'(pre)`; every sum in f32, in another (fixed) order than the composed ops. Repeated calls give the same
+//! bits.
 
 use mantissa_core::backend::{
     linear_act_backward_composed, linear_act_forward_composed, LinearActBackward, LinearActForward, HEAD_MAX_OUT,
