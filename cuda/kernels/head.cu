@@ -608,47 +608,64 @@ __device__ __forceinline__ unsigned hm_trans(unsigned a) {
     return d;
 }
 
+// The dy fragments of the tile of rows r.. (zeros past r1 and past o): f[0..4] as the A fragment of g = dy W
+// (rows g, g + 8 x outputs 2t, 2t + 1, 2t + 8, 2t + 9), f[4..8] as the A fragment of dW += dy^T x (outputs g,
+// g + 8 x rows 2t, 2t + 1, 2t + 8, 2t + 9).
+template <typename T>
+__device__ __forceinline__ void hm_dy_frags(const T* __restrict__ dy, u64 o, u64 r, u64 r1, unsigned (&f)[8]) {
+    const unsigned lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    const bool oka = r + g < r1, okb = r + g + 8 < r1;
+    const u64 ia = (r + g) * o, ib = (r + g + 8) * o;
+    const unsigned c0 = 2 * t, c1 = 2 * t + 8;
+    f[0] = hm_bits2(dy, ia + c0, ia + c0 + 1, oka && c0 < o, oka && c0 + 1 < o);
+    f[1] = hm_bits2(dy, ib + c0, ib + c0 + 1, okb && c0 < o, okb && c0 + 1 < o);
+    f[2] = hm_bits2(dy, ia + c1, ia + c1 + 1, oka && c1 < o, oka && c1 + 1 < o);
+    f[3] = hm_bits2(dy, ib + c1, ib + c1 + 1, okb && c1 < o, okb && c1 + 1 < o);
+    const bool q0 = r + 2 * t < r1, q1 = r + 2 * t + 1 < r1, q2 = r + 2 * t + 8 < r1, q3 = r + 2 * t + 9 < r1;
+    const bool pg = g < o, ph = g + 8 < o;
+    const u64 j0 = (r + 2 * t) * o, j1 = j0 + o, j2 = (r + 2 * t + 8) * o, j3 = j2 + o;
+    f[4] = hm_bits2(dy, j0 + g, j1 + g, q0 && pg, q1 && pg);
+    f[5] = hm_bits2(dy, j0 + g + 8, j1 + g + 8, q0 && ph, q1 && ph);
+    f[6] = hm_bits2(dy, j2 + g, j3 + g, q2 && pg, q3 && pg);
+    f[7] = hm_bits2(dy, j2 + g + 8, j3 + g + 8, q2 && ph, q3 && ph);
+}
+
+// The row loop of one warp: tiles of 16 rows, the next tile's pre and dy loads in flight while this one
+// computes.
 template <typename T, int ACT>
 __device__ __forceinline__ void head_bwd_mma_rows(const T* __restrict__ dy, u64 o, const T* __restrict__ pre,
                                                   T* __restrict__ dx, u64 n, u64 col, bool colok, u64 r0,
                                                   u64 r1, const unsigned (&bw)[4][2], float (&aw)[4][4],
                                                   float (&ab)[8], float (&ady)[2]) {
-    const unsigned lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    const unsigned lane = threadIdx.x, g = lane / 4;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     uint4 za = zero, zb = zero;
-    if (r0 < r1 && colok) {
-        za = *reinterpret_cast<const uint4*>(pre + min(r0 + g, r1 - 1) * n + col);
-        zb = *reinterpret_cast<const uint4*>(pre + min(r0 + g + 8, r1 - 1) * n + col);
+    unsigned f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (r0 < r1) {
+        if (colok) {
+            za = *reinterpret_cast<const uint4*>(pre + min(r0 + g, r1 - 1) * n + col);
+            zb = *reinterpret_cast<const uint4*>(pre + min(r0 + g + 8, r1 - 1) * n + col);
+        }
+        hm_dy_frags(dy, o, r0, r1, f);
     }
 #pragma unroll 1
     for (u64 r = r0; r < r1; r += 16) {
         uint4 na = zero, nb = zero;
-        if (r + 16 < r1 && colok) {
-            na = *reinterpret_cast<const uint4*>(pre + min(r + 16 + g, r1 - 1) * n + col);
-            nb = *reinterpret_cast<const uint4*>(pre + min(r + 16 + g + 8, r1 - 1) * n + col);
+        unsigned fn[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (r + 16 < r1) {
+            if (colok) {
+                na = *reinterpret_cast<const uint4*>(pre + min(r + 16 + g, r1 - 1) * n + col);
+                nb = *reinterpret_cast<const uint4*>(pre + min(r + 16 + g + 8, r1 - 1) * n + col);
+            }
+            hm_dy_frags(dy, o, r + 16, r1, fn);
         }
         const bool oka = r + g < r1, okb = r + g + 8 < r1;
-        // dy as the A fragment of g = dy W: rows (g, g + 8) x outputs (2t, 2t + 1, 2t + 8, 2t + 9).
-        const u64 ia = (r + g) * o, ib = (r + g + 8) * o;
-        const unsigned c0 = 2 * t, c1 = 2 * t + 8;
-        const unsigned a0 = hm_bits2(dy, ia + c0, ia + c0 + 1, oka && c0 < o, oka && c0 + 1 < o);
-        const unsigned a1 = hm_bits2(dy, ib + c0, ib + c0 + 1, okb && c0 < o, okb && c0 + 1 < o);
-        const unsigned a2 = hm_bits2(dy, ia + c1, ia + c1 + 1, oka && c1 < o, oka && c1 + 1 < o);
-        const unsigned a3 = hm_bits2(dy, ib + c1, ib + c1 + 1, okb && c1 < o, okb && c1 + 1 < o);
-        // dy^T as the A fragment of dW += dy^T x: outputs (g, g + 8) x rows (2t, 2t + 1, 2t + 8, 2t + 9).
-        const bool q0 = r + 2 * t < r1, q1 = r + 2 * t + 1 < r1, q2 = r + 2 * t + 8 < r1, q3 = r + 2 * t + 9 < r1;
-        const bool pg = g < o, ph = g + 8 < o;
-        const u64 j0 = (r + 2 * t) * o, j1 = j0 + o, j2 = (r + 2 * t + 8) * o, j3 = j2 + o;
-        const unsigned t0 = hm_bits2(dy, j0 + g, j1 + g, q0 && pg, q1 && pg);
-        const unsigned t1 = hm_bits2(dy, j0 + g + 8, j1 + g + 8, q0 && ph, q1 && ph);
-        const unsigned t2 = hm_bits2(dy, j2 + g, j3 + g, q2 && pg, q3 && pg);
-        const unsigned t3 = hm_bits2(dy, j2 + g + 8, j3 + g + 8, q2 && ph, q3 && ph);
         // The layer's own bias gradient: this lane's share of dy's column sums (outputs g and g + 8).
         {
-            const T* d0 = reinterpret_cast<const T*>(&t0);
-            const T* d1 = reinterpret_cast<const T*>(&t1);
-            const T* d2 = reinterpret_cast<const T*>(&t2);
-            const T* d3 = reinterpret_cast<const T*>(&t3);
+            const T* d0 = reinterpret_cast<const T*>(&f[4]);
+            const T* d1 = reinterpret_cast<const T*>(&f[5]);
+            const T* d2 = reinterpret_cast<const T*>(&f[6]);
+            const T* d3 = reinterpret_cast<const T*>(&f[7]);
             ady[0] += (ld_fast(d0, 0) + ld_fast(d0, 1)) + (ld_fast(d2, 0) + ld_fast(d2, 1));
             ady[1] += (ld_fast(d1, 0) + ld_fast(d1, 1)) + (ld_fast(d3, 0) + ld_fast(d3, 1));
         }
@@ -658,7 +675,7 @@ __device__ __forceinline__ void head_bwd_mma_rows(const T* __restrict__ dy, u64 
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            hm_mma<T>(acc, a0, a1, a2, a3, bw[j][0], bw[j][1]);
+            hm_mma<T>(acc, f[0], f[1], f[2], f[3], bw[j][0], bw[j][1]);
             float hx[4];
 #pragma unroll
             for (int e = 0; e < 4; e++) {
@@ -674,7 +691,7 @@ __device__ __forceinline__ void head_bwd_mma_rows(const T* __restrict__ dy, u64 
             // x rows g / g + 8 of tile j (zero past the split) to B layout for dW.
             const unsigned xt = hm_pack((const T*)0, oka ? hx[0] : 0.0f, oka ? hx[1] : 0.0f);
             const unsigned xb = hm_pack((const T*)0, okb ? hx[2] : 0.0f, okb ? hx[3] : 0.0f);
-            hm_mma<T>(aw[j], t0, t1, t2, t3, hm_trans(xt), hm_trans(xb));
+            hm_mma<T>(aw[j], f[4], f[5], f[6], f[7], hm_trans(xt), hm_trans(xb));
         }
         if (colok) {
             if (oka) *reinterpret_cast<uint4*>(dx + (r + g) * n + col) = *reinterpret_cast<const uint4*>(&da);
@@ -682,6 +699,8 @@ __device__ __forceinline__ void head_bwd_mma_rows(const T* __restrict__ dy, u64 
         }
         za = na;
         zb = nb;
+#pragma unroll
+        for (int q = 0; q < 8; q++) f[q] = fn[q];
     }
 }
 
@@ -758,7 +777,7 @@ __device__ void head_bwd_mma_impl(int act, const T* __restrict__ dy, u64 o, cons
 }
 
 #define HEAD_BWD_MMA(tn, T)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * HM_WARPS) head_bwd_mma_##tn(                            \
+    extern "C" __global__ void __launch_bounds__(32 * HM_WARPS, 2) head_bwd_mma_##tn(                          \
         int act, const T* dy, u64 o, const T* w, const T* pre, T* dx, float* partial, float* dbp, u64 m,      \
         u64 n, u64 c0, u64 cc, u64 rows_per_split) {                                                         \
         head_bwd_mma_impl<T>(act, dy, o, w, pre, dx, partial, dbp, m, n, c0, cc, rows_per_split);            \
