@@ -39,6 +39,9 @@ mod head;
 mod kernels;
 mod lt;
 
+/// Autotune's constants (see [`CudaBackend::set_autotune`]).
+pub use lt::{TUNE_CANDIDATES, TUNE_MARGIN, TUNE_MIN_GAIN_MS, TUNE_MIN_WORK, TUNE_REPS};
+
 use kernels::{launch, Arg, Family, Kernels};
 
 // Kernel arguments are passed as the low bytes of 8-byte slots, and raw bytes are copied to and from the
