@@ -616,15 +616,13 @@ impl<B: Backend> Trainer<B> {
                 i -= 1;
                 continue;
             }
-            if let (Some(a), true) = (self.unstored, i >= 1) {
-                if a == i - 1 {
-                    // This layer reads its input, which the forward pass did not store.
-                    let act =
-                        layers[a].activation().ok_or(Error::InvalidConfig("internal: unstored non-activation"))?;
-                    let n = rows * layer.in_shape().len();
-                    self.backend.activation(act, s.acts[a - 1].prefix(n), s.acts[a].prefix(n))?;
-                    self.unstored = None;
-                }
+            if i >= 1 && self.unstored == Some(i - 1) {
+                // This layer reads its input, which the forward pass did not store.
+                let a = i - 1;
+                let act = layers[a].activation().ok_or(Error::InvalidConfig("internal: unstored non-activation"))?;
+                let n = rows * layer.in_shape().len();
+                self.backend.activation(act, s.acts[a - 1].prefix(n), s.acts[a].prefix(n))?;
+                self.unstored = None;
             }
             layer.backward(&mut self.backend, &p, &io)?;
             if self.check_numerics {
@@ -679,20 +677,19 @@ impl<B: Backend> Trainer<B> {
         (same && s.casts[i].len == 0 && s.casts[i - 1].len == 0).then_some(act)
     }
 
-    /// The linear layer `i + 2` when linear layer `i`, the activation after it and that layer form a classifier
-    /// head the forward pass runs as [`crate::layers::Linear::forward_after_act`]: at most
+    /// The linear layer `i + 2` and its parameters when linear layer `i`, the activation after it and that layer
+    /// form a classifier head the forward pass runs as [`crate::layers::Linear::forward_after_act`]: at most
     /// [`crate::backend::HEAD_MAX_OUT`] outputs, one compute dtype and no casts, the weight stored in it,
     /// check-numerics off (the caller has checked layer `i` and the activation).
-    fn head_after(&self, i: usize, dtypes: &[DType], s: &StepBufs) -> Option<crate::layers::Linear> {
+    fn head_after(&self, i: usize, dtypes: &[DType], s: &StepBufs) -> Option<(crate::layers::Linear, LayerParams)> {
         let Some(&Layer::Linear(head)) = self.model.layers().get(i + 2) else { return None };
         let d = dtypes[i];
-        let ok = head.out_features <= crate::backend::HEAD_MAX_OUT
-            && dtypes[i + 2] == d
-            && s.casts[i + 2].len == 0
-            && self.layer_params(i + 2, d, s).weight.dtype == d
-            && !s.acts[i + 2].overlaps(&s.acts[i])
-            && !s.acts[i + 2].overlaps(&s.acts[i + 1]);
-        ok.then_some(head)
+        if head.out_features > crate::backend::HEAD_MAX_OUT || dtypes[i + 2] != d || s.casts[i + 2].len != 0 {
+            return None;
+        }
+        let p = self.layer_params(i + 2, d, s);
+        let ok = p.weight.dtype == d && !s.acts[i + 2].overlaps(&s.acts[i]) && !s.acts[i + 2].overlaps(&s.acts[i + 1]);
+        ok.then_some((head, p))
     }
 
     /// Runs the layers forward over `rows` samples already uploaded to `s.input`; returns the logits. A linear
@@ -722,10 +719,9 @@ impl<B: Backend> Trainer<B> {
                     && dtypes.get(i + 1) == Some(&d)
                     && s.casts[i + 1].len == 0;
                 if let (true, Some(act)) = (fusable, next.activation()) {
-                    if let Some(head) = self.head_after(i, &dtypes, s) {
+                    if let Some((head, ph)) = self.head_after(i, &dtypes, s) {
                         // A classifier head: this layer with the bias in its epilogue, then the activation and
                         // the head in one op, which may compute the logits without storing the activation.
-                        let ph = self.layer_params(i + 2, d, s);
                         lin.forward_bias(&mut self.backend, &p, &io)?;
                         let (pre, xa, y) = (s.acts[i], s.acts[i + 1], s.acts[i + 2]);
                         let stored = head.forward_after_act(&mut self.backend, &ph, act, pre, xa, y, rows)?;

@@ -17,6 +17,7 @@
 //! `act'(pre)`; every sum in f32, in another (fixed) order than the composed ops. Repeated calls give the same
 //! bits.
 
+use cudarc::driver::sys as cu;
 use mantissa_core::backend::{
     linear_act_backward_composed, linear_act_forward_composed, LinearActBackward, LinearActForward, HEAD_MAX_OUT,
 };
@@ -177,18 +178,11 @@ fn fused(be: &mut CudaBackend, op: &LinearActBackward) -> Result<bool> {
         return Ok(false);
     }
     be.enter()?;
-    let finish_w = match op.dw {
-        Some(g) => Some((be.kernels.get(Family::Head, "head_finish", Some(g.dtype), None)?, g)),
-        None => None,
+    // The finishing kernel for each wanted gradient (for its dtype).
+    let mut finisher = |g: Option<Buf>| -> Result<Option<(cu::CUfunction, Buf)>> {
+        g.map(|g| Ok((be.kernels.get(Family::Head, "head_finish", Some(g.dtype), None)?, g))).transpose()
     };
-    let finish_b = match op.prev_dbias {
-        Some(g) => Some((be.kernels.get(Family::Head, "head_finish", Some(g.dtype), None)?, g)),
-        None => None,
-    };
-    let finish_db = match op.db {
-        Some(g) => Some((be.kernels.get(Family::Head, "head_finish", Some(g.dtype), None)?, g)),
-        None => None,
-    };
+    let (finish_w, finish_b, finish_db) = (finisher(op.dw)?, finisher(op.prev_dbias)?, finisher(op.db)?);
     let dbp = be.scratch + BIG_OFF as u64;
     let partial = dbp + (db_floats * 4) as u64;
     let mut c0 = 0;
@@ -215,32 +209,41 @@ fn fused(be: &mut CudaBackend, op: &LinearActBackward) -> Result<bool> {
         // dW's rows (partial rows 0..o, out leading dimension i), then the previous bias (partial row o).
         for (fin, first, n_rows, ld) in [(finish_w, 0, o, i), (finish_b, o, 1, 0)] {
             if let Some((fin, g)) = fin {
-                let args = [
-                    Arg::U64(partial + (first * cc * 4) as u64),
-                    Arg::U64(stride),
-                    Arg::U64(be.ptr(g) + (c0 * g.dtype.size()) as u64),
-                    Arg::U64(ld as u64),
-                    Arg::U64(cc as u64),
-                    Arg::U64(splits as u64),
-                ];
-                launch(&be.stream, fin, (cc.div_ceil(32) as u32, n_rows as u32, 1), (32, ROWS, 1), &args)?;
+                let out = be.ptr(g) + (c0 * g.dtype.size()) as u64;
+                finish(be, fin, partial + (first * cc * 4) as u64, stride, out, ld, cc, n_rows, splits)?;
             }
         }
         c0 += cc;
     }
     if let Some((fin, g)) = finish_db {
-        let args = [
-            Arg::U64(dbp),
-            Arg::U64(o as u64),
-            Arg::U64(be.ptr(g)),
-            Arg::U64(0),
-            Arg::U64(o as u64),
-            Arg::U64(splits as u64),
-        ];
-        launch(&be.stream, fin, (1, 1, 1), (32, ROWS, 1), &args)?;
+        finish(be, fin, dbp, o as u64, be.ptr(g), 0, o, 1, splits)?;
     }
     be.head_calls += 1;
     Ok(true)
+}
+
+/// Queues `head_finish`: `out[p * ld + c] = sum_s partial[s * stride + p * cc + c]` for `p < rows`, `c < cc`.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    be: &CudaBackend,
+    fin: cu::CUfunction,
+    partial: u64,
+    stride: u64,
+    out: u64,
+    ld: usize,
+    cc: usize,
+    rows: usize,
+    splits: usize,
+) -> Result<()> {
+    let args = [
+        Arg::U64(partial),
+        Arg::U64(stride),
+        Arg::U64(out),
+        Arg::U64(ld as u64),
+        Arg::U64(cc as u64),
+        Arg::U64(splits as u64),
+    ];
+    launch(&be.stream, fin, (cc.div_ceil(32) as u32, rows as u32, 1), (32, ROWS, 1), &args)
 }
 
 impl CudaBackend {
