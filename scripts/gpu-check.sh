@@ -104,6 +104,10 @@ run() {
     echo "=== pytorch" | tee -a "$out/report.log"
     timeout 300 python3 benches/peers/pytorch_gpu.py >>"$out/report.log" 2>&1
     echo "=== pytorch exit $?" >>"$out/report.log"
+    # The least a step can take with cuBLAS GEMMs (the five GEMMs + fused AdamW + the bytes no GEMM moves).
+    echo "=== pytorch_floor" | tee -a "$out/report.log"
+    (cd benches/peers && timeout 300 python3 pytorch_floor.py) >>"$out/report.log" 2>&1
+    echo "=== pytorch_floor exit $?" >>"$out/report.log"
     echo "=== gpu_report (second pass)" | tee -a "$out/report.log"
     timeout 300 .gpu/gpu_report >>"$out/report.log" 2>&1
     echo "=== lt_epilogue" | tee -a "$out/report.log"
@@ -135,7 +139,7 @@ run() {
         echo "--- timing"
         grep -E "^timing:|panicked|=== timing" "$out/timing.log"
         echo "--- report"
-        grep -E "^=== |^train:|^lt_tune:|^fused:|^skinny:|^\||^error|^#" "$out/report.log"
+        grep -E "^=== |^train:|^floor:|^lt_tune:|^fused:|^skinny:|^\||^error|^#" "$out/report.log"
         echo "--- profile (bf16 step, kernels by total time)"
         head -40 "$out/profile.log"
         echo "--- bench"

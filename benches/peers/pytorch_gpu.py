@@ -72,6 +72,7 @@ def run(policy, batch, hidden, warmup, steps):
           f"peak_device_bytes={peak}", flush=True)
     del model, opt, x, y
     torch.cuda.empty_cache()
+    return ms
 
 
 def main():
