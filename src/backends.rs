@@ -4,7 +4,7 @@
 
 use mantissa_core::backend::{
     Activation, AdamWStep, Backend, Capabilities, ConvGeom, Epilogue, Gemm, GradStats, LinearActBackward,
-    LinearActForward, ParamBufs, PoolGeom, SgdStep,
+    LinearActForward, LossTo, ParamBufs, PoolGeom, SgdStep,
 };
 use mantissa_core::control::StepRule;
 use mantissa_core::{Buf, Error, Reference, Result};
@@ -268,6 +268,9 @@ impl Backend for AnyBackend<'_> {
         ctl: Buf,
     ) -> Result<()> {
         dispatch!(self, b => b.softmax_cross_entropy_scaled(logits, labels, rows, classes, loss, dlogits, grad_scale, ctl))
+    }
+    fn softmax_cross_entropy_to(&mut self, op: &LossTo) -> Result<()> {
+        dispatch!(self, b => b.softmax_cross_entropy_to(op))
     }
     fn count_correct_to(&mut self, logits: Buf, labels: Buf, rows: usize, classes: usize, ctl: Buf) -> Result<()> {
         dispatch!(self, b => b.count_correct_to(logits, labels, rows, classes, ctl))

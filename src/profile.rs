@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use mantissa_core::backend::{
     Activation, AdamWStep, Backend, Capabilities, ConvGeom, Epilogue, Gemm, GradStats, LinearActBackward,
-    LinearActForward, ParamBufs, PoolGeom, SgdStep,
+    LinearActForward, LossTo, ParamBufs, PoolGeom, SgdStep,
 };
 use mantissa_core::control::StepRule;
 use mantissa_core::{Buf, DType, Result};
@@ -256,6 +256,14 @@ impl<B: Backend> Backend for Profiled<B> {
             || format!("softmax_cross_entropy_scaled {rows}x{classes}"),
             0,
             |b| b.softmax_cross_entropy_scaled(logits, labels, rows, classes, loss, dlogits, grad_scale, ctl),
+        )
+    }
+    fn softmax_cross_entropy_to(&mut self, op: &LossTo) -> Result<()> {
+        let what = if op.dlogits.dtype == DType::F32 { "" } else { " (+ rounding and underflow count)" };
+        self.time(
+            || format!("softmax_cross_entropy_to {}x{} {}{what}", op.rows, op.classes, op.dlogits.dtype.name()),
+            0,
+            |b| b.softmax_cross_entropy_to(op),
         )
     }
     fn count_correct_to(&mut self, logits: Buf, labels: Buf, rows: usize, classes: usize, ctl: Buf) -> Result<()> {

@@ -500,6 +500,54 @@ pub fn linear_act_backward_composed<B: Backend + ?Sized>(be: &mut B, op: &Linear
     be.gemm_fused(&g, &Epilogue::ActGrad { act: op.act, pre: op.pre.prefix(n), dbias: op.prev_dbias })
 }
 
+/// The loss of a step decided on the device ([`Backend::softmax_cross_entropy_to`]): softmax cross-entropy over
+/// `logits: [rows, classes]` with `labels: [rows]` (I32) and the step-control block `ctl`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossTo {
+    pub logits: Buf,
+    pub labels: Buf,
+    pub rows: usize,
+    pub classes: usize,
+    /// `[1]`, f32: the mean loss over rows.
+    pub loss: Buf,
+    /// `[rows, classes]`: `(softmax - onehot) * grad_scale * SCALE / rows`, computed in f32 and stored in
+    /// `dlogits.dtype` (the dtype of the last layer's output).
+    pub dlogits: Buf,
+    /// For a 16-bit `dlogits`: f32 room for `rows * classes` values, where a backend that composes the op puts
+    /// the gradient before rounding it (a backend that rounds in the loss kernel leaves it alone). Unused (may be
+    /// empty) when `dlogits` is f32.
+    pub dlogits_f32: Buf,
+    pub grad_scale: f32,
+    pub ctl: Buf,
+}
+
+/// [`Backend::softmax_cross_entropy_to`] composed from [`Backend::softmax_cross_entropy_scaled`],
+/// [`Backend::count_underflow_to`], [`Backend::cast`] and [`Backend::count_correct_to`]: the specification, and
+/// what host backends run.
+pub fn softmax_cross_entropy_to_composed<B: Backend + ?Sized>(be: &mut B, op: &LossTo) -> Result<()> {
+    let n = op.rows * op.classes;
+    let (l, c) = (op.logits, op.classes);
+    if op.dlogits.dtype == DType::F32 {
+        be.softmax_cross_entropy_scaled(l, op.labels, op.rows, c, op.loss, op.dlogits, op.grad_scale, op.ctl)?;
+    } else {
+        if op.dlogits_f32.dtype != DType::F32 {
+            return Err(Error::UnsupportedDType {
+                what: "softmax_cross_entropy_to f32 room",
+                dtype: op.dlogits_f32.dtype,
+            });
+        }
+        op.dlogits_f32.check_len(n, "softmax_cross_entropy_to f32 room")?;
+        op.dlogits.check_len(n, "softmax_cross_entropy dlogits")?;
+        let d32 = op.dlogits_f32.prefix(n);
+        be.softmax_cross_entropy_scaled(l, op.labels, op.rows, c, op.loss, d32, op.grad_scale, op.ctl)?;
+        be.count_underflow_to(d32, op.dlogits.dtype, op.ctl)?;
+        be.cast(d32, op.dlogits.prefix(n))?;
+    }
+    l.check_len(n, "softmax_cross_entropy logits")?;
+    op.labels.check_len(op.rows, "softmax_cross_entropy labels")?;
+    be.count_correct_to(l.prefix(n), op.labels.prefix(op.rows), op.rows, c, op.ctl)
+}
+
 /// The operations of a training step over buffers in the backend's arena.
 ///
 /// Every method validates its handles against the arena and the op's dtype rules and returns an error
@@ -693,6 +741,14 @@ pub trait Backend {
         let c = read_control(self, ctl)?;
         let s = c.f32(control::SCALE);
         self.softmax_cross_entropy(logits, labels, rows, classes, loss, dlogits, grad_scale * s)
+    }
+
+    /// The loss of a step decided on the device, in as few passes as the backend can (see [`LossTo`]): the mean
+    /// loss, the logits' gradient in `dlogits.dtype`, and in the block `LAST_CORRECT` (as
+    /// [`Backend::count_correct_to`]) and, for a 16-bit `dlogits`, `LAST_FLUSHED` and `LAST_NON_ZERO` (as
+    /// [`Backend::count_underflow_to`] on the f32 gradient). The provided version composes those ops.
+    fn softmax_cross_entropy_to(&mut self, op: &LossTo) -> Result<()> {
+        softmax_cross_entropy_to_composed(self, op)
     }
 
     /// [`Backend::count_correct`], written to the block's `LAST_CORRECT` word.

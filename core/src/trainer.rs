@@ -539,32 +539,27 @@ impl<B: Backend> Trainer<B> {
         let lw = self.config.loss_weight;
         let ctl = self.ctl;
         let loss = self.model.loss();
-        let head = |be: &mut B, d: Buf| match from {
-            ScaleFrom::Host(scale) => loss.forward_backward(be, logits, s.labels, rows, s.loss, d, scale * lw),
-            ScaleFrom::Control => loss.forward_backward_scaled(be, logits, s.labels, rows, s.loss, d, lw, ctl),
-        };
         // The loss head writes dlogits into the ping-pong buffer that feeds the last layer's backward, in the
-        // dtype of the logits.
+        // dtype of the logits. For 16-bit logits the gradient is computed in f32 and then rounded, where values
+        // below half the smallest subnormal flush to zero (counted with the control block).
         let mut dy = retype(s.grad_a, dtypes[n - 1], rows * classes);
-        if s.dlogits.len > 0 {
-            // 16-bit logits: the loss gradient is computed in f32, then cast to the compute dtype, where values
-            // below half the smallest subnormal flush to zero. Count them.
-            let d32 = s.dlogits.prefix(rows * classes);
-            head(&mut self.backend, d32)?;
-            if from == ScaleFrom::Control {
-                self.backend.count_underflow_to(d32, dy.dtype, ctl)?;
+        let d32 = s.dlogits.prefix(s.dlogits.len.min(rows * classes));
+        match from {
+            ScaleFrom::Control => {
+                let (l, labels) = (logits.prefix(rows * classes), s.labels.prefix(rows));
+                loss.forward_backward_to(&mut self.backend, l, labels, rows, s.loss, dy, d32, lw, ctl)?;
             }
-            self.backend.cast(d32, dy)?;
-        } else {
-            head(&mut self.backend, dy)?;
+            ScaleFrom::Host(scale) if d32.len > 0 => {
+                loss.forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, d32, scale * lw)?;
+                self.backend.cast(d32, dy)?;
+            }
+            ScaleFrom::Host(scale) => {
+                loss.forward_backward(&mut self.backend, logits, s.labels, rows, s.loss, dy, scale * lw)?;
+            }
         }
         if self.check_numerics {
             check_finite(&mut self.backend, s.loss, [1, 1], None, "loss", "loss value", Phase::Forward)?;
             check_finite(&mut self.backend, dy, [rows, classes], None, "loss", "logits gradient", Phase::Backward)?;
-        }
-        if from == ScaleFrom::Control {
-            let l = logits.prefix(rows * classes);
-            self.backend.count_correct_to(l, s.labels.prefix(rows), rows, classes, ctl)?;
         }
         let layers = self.model.layers();
         // Backward from the loss down to the first trainable layer: nothing before it needs a gradient.

@@ -5,13 +5,30 @@
 // One warp per row (grid-stride over rows); each block writes the sum of its rows' losses to partial[block],
 // and softmax_xent_finish sums the partials in a fixed order (deterministic for a given launch shape).
 // A label outside 0..classes sets bad[0] = 1, bad[1] = label and leaves its row untouched; the host reports it.
+//
+// With COUNT (softmax_xent_to, the loss of a step decided on the device), the same pass also counts, per block,
+// into counts[3 * block + k]: k = 0 the rows whose arg-max logit (count_correct's: the first of the largest,
+// NaN never wins) is the label; k = 1 and 2 the gradient values that are non-zero in f32 and, of those, the ones
+// that become zero when stored in D (count_underflow's rule on the f32 value: the same bits the composed op
+// computes into an f32 buffer before casting it). softmax_xent_to_finish adds them into the control block.
 
-template <typename L, typename D>
+__device__ __forceinline__ unsigned warp_sum_u32(unsigned v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <typename L, typename D, bool COUNT>
 __device__ void softmax_xent_impl(const L* logits, const int* labels, u64 rows, u64 classes, D* dlogits, float g,
-                                  float* partial, int* bad) {
+                                  float* partial, int* bad, unsigned* counts) {
+    __shared__ unsigned block_counts[3];
+    if (COUNT) {
+        if (threadIdx.x < 3) block_counts[threadIdx.x] = 0;
+        __syncthreads();
+    }
     const unsigned lane = threadIdx.x & 31;
     const u64 first = gtid() >> 5, warps = gstride() >> 5;
     float local = 0.0f;  // lane 0: the losses of this warp's rows
+    unsigned correct = 0, flushed = 0, non_zero = 0;  // COUNT: correct in lane 0, the others per lane
     for (u64 r = first; r < rows; r += warps) {
         const int label = labels[r];
         if (label < 0 || (u64)label >= classes) {
@@ -20,8 +37,31 @@ __device__ void softmax_xent_impl(const L* logits, const int* labels, u64 rows, 
         }
         const u64 row = r * classes;
         float m = -INFINITY;
-        for (u64 j = lane; j < classes; j += 32) m = fmaxf(m, ld(logits, row + j));
+        float best = -INFINITY;  // COUNT: this lane's first largest logit, and its index
+        u64 best_j = ~(u64)0;
+        for (u64 j = lane; j < classes; j += 32) {
+            const float v = ld(logits, row + j);
+            m = fmaxf(m, v);
+            if (COUNT && v > best) {
+                best = v;
+                best_j = j;
+            }
+        }
         m = warp_max(m);
+        if (COUNT) {
+            // The lanes' candidates meet: the larger value, then the lower index (NaN never got in).
+            for (int o = 16; o > 0; o >>= 1) {
+                const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+                const u64 oj = __shfl_xor_sync(0xffffffffu, best_j, o);
+                if (ob > best || (ob == best && oj < best_j)) {
+                    best = ob;
+                    best_j = oj;
+                }
+            }
+            // Nothing above -inf: count_correct's index 0.
+            const u64 pred = best == -INFINITY ? 0 : best_j;
+            if (lane == 0 && pred == (u64)label) correct++;
+        }
         float s = 0.0f;
         for (u64 j = lane; j < classes; j += 32) s += expf(ld(logits, row + j) - m);
         s = warp_sum(s);
@@ -29,11 +69,24 @@ __device__ void softmax_xent_impl(const L* logits, const int* labels, u64 rows, 
         for (u64 j = lane; j < classes; j += 32) {
             const float p = expf(ld(logits, row + j) - m) / s;
             const float onehot = j == (u64)label ? 1.0f : 0.0f;
-            st(dlogits, row + j, (p - onehot) * g);
+            const float d = (p - onehot) * g;
+            st(dlogits, row + j, d);
+            if (COUNT && d != 0.0f) {
+                non_zero++;
+                if (rnd((const D*)0, d) == 0.0f) flushed++;
+            }
         }
     }
     const float total = block_sum(lane == 0 ? local : 0.0f);
     if (threadIdx.x == 0) partial[blockIdx.x] = total;
+    if (COUNT) {
+        const unsigned c[3] = {correct, warp_sum_u32(flushed), warp_sum_u32(non_zero)};
+        if (lane == 0)
+            for (int k = 0; k < 3; k++)
+                if (c[k]) atomicAdd(&block_counts[k], c[k]);
+        __syncthreads();
+        if (threadIdx.x < 3) counts[3 * (u64)blockIdx.x + threadIdx.x] = block_counts[threadIdx.x];
+    }
 }
 
 // loss[0] = inv_rows * sum of partial[0..parts]. One block.
@@ -48,7 +101,7 @@ extern "C" __global__ void softmax_xent_finish(const float* partial, u64 parts, 
     extern "C" __global__ void softmax_xent_##ln##_##dn(const L* logits, const int* labels, u64 rows,        \
                                                         u64 classes, D* dlogits, float g, float* partial,    \
                                                         int* bad) {                                          \
-        softmax_xent_impl(logits, labels, rows, classes, dlogits, g, partial, bad);                          \
+        softmax_xent_impl<L, D, false>(logits, labels, rows, classes, dlogits, g, partial, bad, nullptr);                          \
     }
 FOR_FLOAT_PAIR(SOFTMAX_XENT)
 
@@ -61,9 +114,50 @@ FOR_FLOAT_PAIR(SOFTMAX_XENT)
                                                                float inv_rows, const unsigned* ctl,          \
                                                                float* partial, int* bad) {                   \
         const float g = grad_scale * __uint_as_float(ctl[CTL_SCALE]) * inv_rows;                             \
-        softmax_xent_impl(logits, labels, rows, classes, dlogits, g, partial, bad);                          \
+        softmax_xent_impl<L, D, false>(logits, labels, rows, classes, dlogits, g, partial, bad, nullptr);                          \
     }
 FOR_FLOAT_PAIR(SOFTMAX_XENT_SCALED)
+
+// Backend::softmax_cross_entropy_to: softmax_xent_scaled's pass with COUNT (counts: 3 u32 a block), then
+// softmax_xent_to_finish.
+#define SOFTMAX_XENT_TO(ln, L, dn, D)                                                                        \
+    extern "C" __global__ void softmax_xent_to_##ln##_##dn(const L* logits, const int* labels, u64 rows,     \
+                                                           u64 classes, D* dlogits, float grad_scale,        \
+                                                           float inv_rows, const unsigned* ctl,              \
+                                                           float* partial, int* bad, unsigned* counts) {     \
+        const float g = grad_scale * __uint_as_float(ctl[CTL_SCALE]) * inv_rows;                             \
+        softmax_xent_impl<L, D, true>(logits, labels, rows, classes, dlogits, g, partial, bad, counts);      \
+    }
+FOR_FLOAT_PAIR(SOFTMAX_XENT_TO)
+
+// loss[0] as softmax_xent_finish (the same sum, so the same bits), and the blocks' counts added into the control
+// block's LAST_CORRECT and, when flushed != 0 (a 16-bit gradient), LAST_FLUSHED and LAST_NON_ZERO (u32, modulo
+// 2^32 as the host's `as u32`). One block.
+extern "C" __global__ void softmax_xent_to_finish(const float* partial, const unsigned* counts, u64 parts,
+                                                  float inv_rows, float* loss, unsigned* ctl, int flushed) {
+    __shared__ unsigned total[3];
+    if (threadIdx.x < 3) total[threadIdx.x] = 0;
+    __syncthreads();
+    float v = 0.0f;
+    unsigned c[3] = {0, 0, 0};
+    for (u64 i = threadIdx.x; i < parts; i += blockDim.x) {
+        v += partial[i];
+        for (int k = 0; k < 3; k++) c[k] += counts[3 * i + k];
+    }
+    for (int k = 0; k < 3; k++) {
+        c[k] = warp_sum_u32(c[k]);
+        if ((threadIdx.x & 31) == 0 && c[k]) atomicAdd(&total[k], c[k]);
+    }
+    v = block_sum(v);  // ends with __syncthreads: total[] is complete
+    if (threadIdx.x == 0) {
+        loss[0] = v * inv_rows;
+        ctl[CTL_LAST_CORRECT] = total[0];
+        if (flushed) {
+            ctl[CTL_LAST_FLUSHED] = total[1];
+            ctl[CTL_LAST_NON_ZERO] = total[2];
+        }
+    }
+}
 
 // out[r] = the first index of the largest logit of row r (NaN never wins), one thread per row.
 template <typename L>

@@ -4,6 +4,8 @@
 //!
 //! - `softmax_cross_entropy_scaled`: the softmax kernel with the block's `SCALE` read on the device.
 //! - `count_correct_to`, `count_underflow_to`: the device counts, written straight into their words.
+//! - `softmax_cross_entropy_to`: the scaled softmax, the rounding of its gradient and both counts in one pass,
+//!   then one block that writes the loss and the words.
 //! - `step_control`: `grad_stats`' per-block partial sums (unscaled by `1 / SCALE`, read on the device), then
 //!   one block (`kernels/control.cu`) that adds them in f64 and performs [`mantissa_core::control::decide`].
 //! - `adamw_step_gated`, `sgd_step_gated`: the fused optimizer kernels, which read `LAST_APPLIED` (and return at
@@ -12,12 +14,15 @@
 //! Each is checked against the provided host versions on the reference backend (`cuda/tests/control.rs`).
 
 use cudarc::driver::sys as cu;
-use mantissa_core::backend::{check_control, validate_softmax_cross_entropy, AdamWStep, ParamBufs, SgdStep};
+use mantissa_core::backend::{
+    check_control, softmax_cross_entropy_to_composed, validate_softmax_cross_entropy, AdamWStep, LossTo, ParamBufs,
+    SgdStep,
+};
 use mantissa_core::control::{self as block, StepRule};
 use mantissa_core::{Buf, DType, Error, LossScale, Result};
 
 use crate::kernels::{launch, Arg, Family};
-use crate::{driver, CudaBackend, FLAG_OFF, LOSS_OFF, MAX_PARTIAL_BLOCKS, STATS_SUM_OFF};
+use crate::{driver, CudaBackend, FLAG_OFF, LOSS_COUNTS_OFF, LOSS_OFF, MAX_PARTIAL_BLOCKS, STATS_SUM_OFF};
 
 // count_underflow_to zeroes and counts into the two words with one memset and one kernel argument.
 const _: () = assert!(block::LAST_NON_ZERO == block::LAST_FLUSHED + 1);
@@ -164,6 +169,54 @@ pub(crate) fn softmax_xent(
         return Err(Error::LabelOutOfRange { label: bad[1], classes });
     }
     Ok(())
+}
+
+/// `Backend::softmax_cross_entropy_to`: one pass (`softmax_xent_to`: the scaled softmax's loss partials and
+/// gradient, stored in the gradient's dtype, and each block's counts), then one block (`softmax_xent_to_finish`)
+/// that writes the loss and the block's `LAST_CORRECT` (and, for a 16-bit gradient, `LAST_FLUSHED`,
+/// `LAST_NON_ZERO`) words. The same grid as `softmax_xent`'s, so the loss has the composed op's bits; the f32
+/// room is not touched. No memsets, no waits.
+pub(crate) fn softmax_xent_to(be: &mut CudaBackend, op: &LossTo) -> Result<()> {
+    let c = be.control_block(op.ctl)?;
+    let (rows, classes) = (op.rows, op.classes);
+    validate_softmax_cross_entropy(be.capacity, op.logits, op.labels, rows, classes, op.loss, op.dlogits)?;
+    let lt = CudaBackend::float(op.logits, "softmax_cross_entropy")?;
+    let dt = CudaBackend::float(op.dlogits, "softmax_cross_entropy")?;
+    if rows == 0 {
+        return softmax_cross_entropy_to_composed(be, op);
+    }
+    be.enter()?;
+    let inv_rows = 1.0 / rows as f32;
+    let (flag, partial) = (be.scratch + FLAG_OFF as u64, be.scratch + LOSS_OFF as u64);
+    let counts = be.scratch + LOSS_COUNTS_OFF as u64;
+    // One warp per row, 8 rows per block (softmax_xent's grid).
+    let blocks = rows.div_ceil(8).min(MAX_PARTIAL_BLOCKS);
+    let args = [
+        Arg::U64(be.ptr(op.logits)),
+        Arg::U64(be.ptr(op.labels)),
+        Arg::U64(rows as u64),
+        Arg::U64(classes as u64),
+        Arg::U64(be.ptr(op.dlogits)),
+        Arg::F32(op.grad_scale),
+        Arg::F32(inv_rows),
+        Arg::U64(c),
+        Arg::U64(partial),
+        Arg::U64(flag),
+        Arg::U64(counts),
+    ];
+    let f = be.kernels.get(Family::SoftmaxXent, "softmax_xent_to", Some(lt), Some(dt))?;
+    launch(&be.stream, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
+    let f = be.kernels.get(Family::SoftmaxXent, "softmax_xent_to_finish", None, None)?;
+    let args = [
+        Arg::U64(partial),
+        Arg::U64(counts),
+        Arg::U64(blocks as u64),
+        Arg::F32(inv_rows),
+        Arg::U64(be.ptr(op.loss)),
+        Arg::U64(c),
+        Arg::I32((dt != DType::F32) as i32),
+    ];
+    launch(&be.stream, f, (1, 1, 1), (1024, 1, 1), &args)
 }
 
 /// `Backend::count_correct_to`: the count kernel adds straight into the zeroed `LAST_CORRECT` word.

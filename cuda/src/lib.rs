@@ -26,7 +26,7 @@ use cudarc::cublas::{sys as blas, CudaBlas};
 use cudarc::driver::{result as cur, sys as cu, CudaContext, CudaStream, DriverError};
 use half::bf16;
 use mantissa_core::backend::{
-    Activation, AdamWStep, Backend, Capabilities, ConvGeom, Gemm, GradStats, ParamBufs, PoolGeom, SgdStep,
+    Activation, AdamWStep, Backend, Capabilities, ConvGeom, Gemm, GradStats, LossTo, ParamBufs, PoolGeom, SgdStep,
 };
 use mantissa_core::control::StepRule;
 use mantissa_core::{Buf, DType, Error, Result};
@@ -61,7 +61,11 @@ const COUNT_OFF: usize = 64;
 const LOSS_OFF: usize = 4096;
 /// grad_stats' per-block sums of squares (f64), followed directly by its per-block non-finite counts (u64).
 const STATS_SUM_OFF: usize = 8192;
+/// softmax_cross_entropy_to's per-block counts (3 x u32 a block), after grad_stats' 16 KiB.
+const LOSS_COUNTS_OFF: usize = 32768;
 const BIG_OFF: usize = 65536;
+const _: () = assert!(STATS_SUM_OFF + 16 * MAX_PARTIAL_BLOCKS <= LOSS_COUNTS_OFF);
+const _: () = assert!(LOSS_COUNTS_OFF + 12 * MAX_PARTIAL_BLOCKS <= BIG_OFF);
 const BIG_BYTES: usize = SCRATCH_BYTES - BIG_OFF;
 /// At most this many blocks write per-block partial sums (the sizes of the regions above).
 const MAX_PARTIAL_BLOCKS: usize = 1024;
@@ -1003,6 +1007,10 @@ impl Backend for CudaBackend {
         ctl: Buf,
     ) -> Result<()> {
         control::softmax_xent(self, logits, labels, rows, classes, loss, dlogits, grad_scale, Some(ctl))
+    }
+
+    fn softmax_cross_entropy_to(&mut self, op: &LossTo) -> Result<()> {
+        control::softmax_xent_to(self, op)
     }
 
     fn count_correct_to(&mut self, logits: Buf, labels: Buf, rows: usize, classes: usize, ctl: Buf) -> Result<()> {

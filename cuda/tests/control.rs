@@ -9,7 +9,9 @@
 mod common;
 
 use common::{u, Both, CAP, FLOATS, GPU};
-use mantissa_core::backend::{read_control, write_control, AdamWStep, Gemm, ParamBufs, SgdStep};
+use mantissa_core::backend::{
+    read_control, softmax_cross_entropy_to_composed, write_control, AdamWStep, Gemm, LossTo, ParamBufs, SgdStep,
+};
 use mantissa_core::control::{self, Control, StepRule};
 use mantissa_core::rng::Rng;
 use mantissa_core::{Arena, Backend, Buf, DType, DynamicConfig, DynamicLossScale, Error, LossScale};
@@ -273,6 +275,101 @@ fn scaled_softmax_and_counts_write_the_block() {
     t.gpu.softmax_cross_entropy_scaled(logits, labels, 3, 4, loss, d, 1.0, ctl).unwrap();
     let r = t.gpu.softmax_cross_entropy(logits, labels, 3, 4, loss, d, 1.0);
     assert!(matches!(r, Err(Error::LabelOutOfRange { label: 4, classes: 4 })), "{r:?}");
+}
+
+/// `softmax_cross_entropy_to` (one pass and one finishing block on the GPU) against the same op composed on the
+/// GPU (the scaled softmax into f32, count_underflow_to, cast, count_correct_to): the same bits everywhere, the
+/// f32 room untouched; and against the reference's composition with the tolerances of the test above.
+#[test]
+#[ignore = "needs an NVIDIA GPU (run scripts/gpu-check.sh)"]
+fn the_loss_to_the_block_is_the_composed_op_in_one_pass() {
+    let _ = GPU;
+    let mut t = Both::new();
+    let ctl = t.alloc(DType::I32, control::WORDS);
+    let pairs = [
+        (DType::F32, DType::F32),
+        (DType::BF16, DType::BF16),
+        (DType::F16, DType::F16),
+        (DType::F32, DType::F16),
+        (DType::BF16, DType::F32),
+    ];
+    let mut flushes = 0;
+    for (lt, dt) in pairs {
+        // 9000 rows: more than 1024 blocks of 8 rows, so blocks take several rows a warp.
+        for (rows, classes) in [(1, 1), (7, 10), (33, 40), (257, 67), (9000, 10)] {
+            // Coarse logits (arg-max ties), and in row 3 (when there is one) a NaN and -inf.
+            let mut v: Vec<f32> = (0..rows * classes).map(|_| (t.rng.below(9) as f32) - 4.0).collect();
+            if rows > 3 && classes > 2 {
+                v[3 * classes] = f32::NAN;
+                v[3 * classes + 1] = f32::NEG_INFINITY;
+            }
+            let logits = t.alloc(lt, rows * classes);
+            t.upload(logits, &v);
+            let labels = t.alloc(DType::I32, rows);
+            let l: Vec<i32> = (0..rows).map(|r| ((r * 7919) % classes) as i32).collect();
+            t.gpu.upload_i32(labels, &l).unwrap();
+            t.re.upload_i32(labels, &l).unwrap();
+            let (loss, d) = (t.nans(DType::F32, 1), t.nans(dt, rows * classes));
+            let room = if dt == DType::F32 { Buf::EMPTY } else { t.nans(DType::F32, rows * classes) };
+            let (loss2, d2) = (t.nans(DType::F32, 1), t.nans(dt, rows * classes));
+            let op =
+                LossTo { logits, labels, rows, classes, loss, dlogits: d, dlogits_f32: room, grad_scale: 0.5, ctl };
+            let op2 = LossTo { loss: loss2, dlogits: d2, ..op };
+            // 2^-20: most of f16's gradients flush at 9000 rows.
+            for scale in [1.0f32, 1024.0, 1.0 / 1_048_576.0] {
+                let what = format!("{lt}->{dt} [{rows},{classes}] scale {scale}");
+                let mut c = Control::new(scale, 1);
+                c.words[control::LAST_CORRECT] = 12345;
+                c.words[control::LAST_FLUSHED] = 777;
+                c.words[control::LAST_NON_ZERO] = 778;
+                set_block(&mut t, ctl, &c);
+                let room_before = if room.len > 0 { bytes(&mut t.gpu, room) } else { vec![] };
+                t.gpu.softmax_cross_entropy_to(&op).unwrap();
+                let fused = block(&mut t.gpu, ctl);
+                if room.len > 0 {
+                    assert_eq!(bytes(&mut t.gpu, room), room_before, "the f32 room was written {what}");
+                }
+                set_block(&mut t, ctl, &c);
+                softmax_cross_entropy_to_composed(&mut t.gpu, &op2).unwrap();
+                let composed = block(&mut t.gpu, ctl);
+                same_block(&format!("one pass vs composed {what}"), &fused, &composed);
+                assert_eq!(bytes(&mut t.gpu, d), bytes(&mut t.gpu, d2), "one pass vs composed dlogits {what}");
+                assert_eq!(bytes(&mut t.gpu, loss), bytes(&mut t.gpu, loss2), "one pass vs composed loss {what}");
+                if dt == DType::F32 {
+                    assert_eq!(fused.words[control::LAST_FLUSHED], 777, "{what}: f32 has no underflow count");
+                } else {
+                    flushes += fused.words[control::LAST_FLUSHED];
+                }
+                // The reference's composition.
+                set_block(&mut t, ctl, &c);
+                t.re.softmax_cross_entropy_to(&op).unwrap();
+                let r = block(&mut t.re, ctl);
+                assert_eq!(fused.words[control::LAST_CORRECT], r.words[control::LAST_CORRECT], "correct {what}");
+                t.compare(loss, &format!("loss {what}"), 1e-5, 1e-5);
+                let g = 0.5 * scale as f64 / rows as f64;
+                t.compare(d, &format!("dlogits {what}"), 1e-6 * g + subnormal_ulp(dt), 1e-5 + 2.0 * u(dt));
+            }
+        }
+        t.arena = Arena::new(t.arena.capacity());
+        let _ = t.alloc(DType::I32, control::WORDS);
+    }
+    assert!(flushes > 0, "no case flushed a gradient to zero: the count went untested");
+    // Bad arguments are errors before anything runs.
+    let logits = t.random(DType::F32, 12, -1.0, 1.0);
+    let labels = t.alloc(DType::I32, 3);
+    let (loss, d) = (t.alloc(DType::F32, 1), t.alloc(DType::F32, 12));
+    let op =
+        LossTo { logits, labels, rows: 3, classes: 4, loss, dlogits: d, dlogits_f32: Buf::EMPTY, grad_scale: 1.0, ctl };
+    let r = t.gpu.softmax_cross_entropy_to(&LossTo { rows: 4, ..op });
+    assert!(matches!(r, Err(Error::ShapeMismatch { .. })), "{r:?}");
+    let r = t.gpu.softmax_cross_entropy_to(&LossTo { ctl: d, ..op });
+    assert!(r.is_err(), "not a control block: {r:?}");
+    // No rows: the loss is 0 and the counts are zeros.
+    let mut c = Control::new(1.0, 1);
+    c.words[control::LAST_CORRECT] = 5;
+    set_block(&mut t, ctl, &c);
+    t.gpu.softmax_cross_entropy_to(&LossTo { rows: 0, ..op }).unwrap();
+    assert_eq!(block(&mut t.gpu, ctl).words[control::LAST_CORRECT], 0);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! whatever dtype the logits are stored in.
 
 use crate::arena::Buf;
-use crate::backend::Backend;
+use crate::backend::{Backend, LossTo};
 use crate::error::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -27,10 +27,12 @@ impl SoftmaxCrossEntropy {
         be.softmax_cross_entropy(logits, labels, rows, self.classes, loss, dlogits, scale)
     }
 
-    /// [`SoftmaxCrossEntropy::forward_backward`] with `scale` further multiplied by the loss scale held in the
-    /// step-control block `ctl` (read where the data is).
+    /// The loss of a step decided on the device: [`SoftmaxCrossEntropy::forward_backward`] with `scale` further
+    /// multiplied by the loss scale held in the step-control block `ctl` (read where the data is), and the
+    /// step's counts written to the block (see [`LossTo`]). `dlogits_f32` is f32 room for the gradient before it
+    /// is rounded to a 16-bit `dlogits`.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward_backward_scaled<B: Backend>(
+    pub fn forward_backward_to<B: Backend>(
         &self,
         be: &mut B,
         logits: Buf,
@@ -38,9 +40,21 @@ impl SoftmaxCrossEntropy {
         rows: usize,
         loss: Buf,
         dlogits: Buf,
+        dlogits_f32: Buf,
         scale: f32,
         ctl: Buf,
     ) -> Result<()> {
-        be.softmax_cross_entropy_scaled(logits, labels, rows, self.classes, loss, dlogits, scale, ctl)
+        let classes = self.classes;
+        be.softmax_cross_entropy_to(&LossTo {
+            logits,
+            labels,
+            rows,
+            classes,
+            loss,
+            dlogits,
+            dlogits_f32,
+            grad_scale: scale,
+            ctl,
+        })
     }
 }
