@@ -219,6 +219,16 @@ pub(crate) fn softmax_xent_to(be: &mut CudaBackend, op: &LossTo) -> Result<()> {
     launch(&be.stream, f, (1, 1, 1), (1024, 1, 1), &args)
 }
 
+impl CudaBackend {
+    /// Whether [`mantissa_core::Backend::softmax_cross_entropy_to`] (the loss of a step decided on the device)
+    /// runs as one pass and one finishing block; on by default. Off, it is composed: the scaled softmax into
+    /// f32, `count_underflow_to`, `cast` and `count_correct_to` (five kernels and two memsets). The same bits
+    /// either way.
+    pub fn set_fused_loss(&mut self, on: bool) {
+        self.fused_loss = on;
+    }
+}
+
 /// `Backend::count_correct_to`: the count kernel adds straight into the zeroed `LAST_CORRECT` word.
 pub(crate) fn count_correct_to(
     be: &mut CudaBackend,

@@ -129,6 +129,8 @@ pub struct CudaBackend {
     fused_head: bool,
     /// Calls the one-pass classifier backward took (for tests and reports).
     head_calls: u64,
+    /// Whether `softmax_cross_entropy_to` runs as one pass (see `control.rs`).
+    fused_loss: bool,
     /// Taken when the backend is dropped and released after every other field: no graph capture (on another
     /// thread) runs while this backend's memory, modules and handles are freed (see graph.rs).
     closing: Option<graph::Exclusive>,
@@ -261,6 +263,7 @@ impl CudaBackend {
             skinny_all: false,
             fused_head: true,
             head_calls: 0,
+            fused_loss: true,
             closing: None,
         })
     }
@@ -1010,7 +1013,11 @@ impl Backend for CudaBackend {
     }
 
     fn softmax_cross_entropy_to(&mut self, op: &LossTo) -> Result<()> {
-        control::softmax_xent_to(self, op)
+        if self.fused_loss {
+            control::softmax_xent_to(self, op)
+        } else {
+            mantissa_core::backend::softmax_cross_entropy_to_composed(self, op)
+        }
     }
 
     fn count_correct_to(&mut self, logits: Buf, labels: Buf, rows: usize, classes: usize, ctl: Buf) -> Result<()> {
