@@ -42,9 +42,8 @@ for line in sys.stdin:
 ' | while read -r name exe; do cp "$exe" ".gpu/tests/$name"; done
     for ex in mnist gpu_report precision_table loss_scaling; do cp "target/release/examples/$ex" ".gpu/$ex"; done
     # Fused (cuBLASLt epilogue) against composed GEMMs on the gpu-mlp shapes.
-    cargo build --release -p mantissa-cuda --example lt_epilogue --example skinny
-    cp target/release/examples/lt_epilogue .gpu/lt_epilogue
-    cp target/release/examples/skinny .gpu/skinny
+    cargo build --release -p mantissa-cuda --example lt_epilogue --example skinny --example adamw_layout
+    for ex in lt_epilogue skinny adamw_layout; do cp "target/release/examples/$ex" ".gpu/$ex"; done
     # The CPU-vs-GPU criterion bench.
     cargo bench --features cuda --bench cpu_vs_gpu --no-run --message-format=json \
         | python3 -c '
@@ -57,7 +56,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cpu_vs_gpu":
         print(m["executable"])
 ' | while read -r exe; do cp "$exe" .gpu/cpu_vs_gpu; done
-    strip .gpu/lt_epilogue .gpu/skinny .gpu/mnist .gpu/gpu_report .gpu/precision_table .gpu/loss_scaling .gpu/cpu_vs_gpu .gpu/tests/* 2>/dev/null || true
+    strip .gpu/lt_epilogue .gpu/skinny .gpu/adamw_layout .gpu/mnist .gpu/gpu_report .gpu/precision_table .gpu/loss_scaling .gpu/cpu_vs_gpu .gpu/tests/* 2>/dev/null || true
     ls -la .gpu .gpu/tests
     du -sh .gpu
 }
@@ -114,6 +113,8 @@ run() {
     timeout 120 .gpu/lt_epilogue >>"$out/report.log" 2>&1
     echo "=== skinny" | tee -a "$out/report.log"
     timeout 120 .gpu/skinny >>"$out/report.log" 2>&1
+    echo "=== adamw_layout" | tee -a "$out/report.log"
+    timeout 120 .gpu/adamw_layout >>"$out/report.log" 2>&1
     echo "=== precision_table" | tee -a "$out/report.log"
     timeout 300 .gpu/precision_table >>"$out/report.log" 2>&1
     echo "=== precision_table exit $?" >>"$out/report.log"
@@ -139,7 +140,7 @@ run() {
         echo "--- timing"
         grep -E "^timing:|panicked|=== timing" "$out/timing.log"
         echo "--- report"
-        grep -E "^=== |^train:|^floor:|^lt_tune:|^fused:|^skinny:|^\||^error|^#" "$out/report.log"
+        grep -E "^=== |^train:|^floor:|^lt_tune:|^fused:|^skinny:|^adamw_layout:|^\||^error|^#" "$out/report.log"
         echo "--- profile (bf16 step, kernels by total time)"
         head -40 "$out/profile.log"
         echo "--- bench"
