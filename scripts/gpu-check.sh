@@ -9,6 +9,7 @@
 #                                     # Logs go to $OUT (or ./gpu-out): nvidia-smi.txt, tests.log, mnist.log,
 #                                     # timing.log, report.log, profile.log (nsys, if installed), bench.log,
 #                                     # summary.txt.
+#   bash scripts/gpu-check.sh ncu head_bwd_mma '^adamw8'   # on the GPU machine: Nsight Compute on those kernels
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -173,12 +174,37 @@ perf() {
     grep -E "^=== |^train:|^lt_tune:|^profile:|^error|step_ms|peak" "$out/perf.log" | tee "$out/perf-summary.txt"
 }
 
+# Nsight Compute on one launch (the third) of each kernel whose name matches one of the arguments (regular
+# expressions), in a queued mixed_bfloat16 gpu-mlp step: speed of light, occupancy, memory, and why warps stall
+# (average warps stalled per issued instruction, by reason). ncu locks the clocks lower than a normal run
+# (1.3-1.5 GHz), so its durations are longer than the step's.
+ncu_kernels() {
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+    local st="" r k
+    for r in long_scoreboard short_scoreboard mio_throttle lg_throttle wait math_pipe_throttle not_selected selected \
+        dispatch_stall no_instruction drain membar barrier tex_throttle branch_resolving imc_miss; do
+        st="$st,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"
+    done
+    for k in "$@"; do
+        echo "######## $k"
+        timeout 200 ncu --kernel-name regex:"$k" --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+            --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis --section LaunchStats \
+            --section ComputeWorkloadAnalysis --metrics "${st#,}" \
+            .gpu/gpu_report --mode queued --policy mixed_bfloat16 --warmup 3 --steps 3 2>&1 |
+            grep -vE "^ *$|^    (OPT|INF|WRN) |^          |^train:|^lt_tune"
+    done
+}
+
 case "${1:-}" in
 build) build ;;
 run) run ;;
 perf) perf ;;
+ncu)
+    shift
+    ncu_kernels "$@"
+    ;;
 *)
-    echo "usage: $0 build|run|perf" >&2
+    echo "usage: $0 build|run|perf|ncu KERNEL_REGEX..." >&2
     exit 2
     ;;
 esac

@@ -630,35 +630,35 @@ __device__ __forceinline__ void hm_dy_frags(const T* __restrict__ dy, u64 o, u64
     f[7] = hm_bits2(dy, j2 + g + 8, j3 + g + 8, q2 && ph, q3 && ph);
 }
 
-// The row loop of one warp: tiles of 16 rows, the next tile's pre and dy loads in flight while this one
-// computes.
+// The rows a split of head_bwd_mma may have (the host's MMA_SPLIT_MAX): the block stages the dy fragments of
+// all its tiles in shared memory before the row loop (8 words a lane a tile, 32 KiB at 512 rows), so that the
+// loop reads two 16-byte words of shared memory a tile where it made 16 predicated 2-byte loads of dy with their
+// index arithmetic (the kernel is bound by instruction issue, not by memory: Nsight Compute, session 5).
+#define HM_SPLIT_MAX 512
+
+// The row loop of one warp: tiles of 16 rows, the next tile's pre loads in flight while this one computes.
+// sdy: the split's dy fragments ([tile][0] = f[0..4], [tile][1] = f[4..8] of hm_dy_frags, per lane).
 template <typename T, int ACT>
-__device__ __forceinline__ void head_bwd_mma_rows(const T* __restrict__ dy, u64 o, const T* __restrict__ pre,
+__device__ __forceinline__ void head_bwd_mma_rows(const uint4 (*sdy)[2][32], const T* __restrict__ pre,
                                                   T* __restrict__ dx, u64 n, u64 col, bool colok, u64 r0,
                                                   u64 r1, const unsigned (&bw)[4][2], float (&aw)[4][4],
                                                   float (&ab)[8], float (&ady)[2]) {
     const unsigned lane = threadIdx.x, g = lane / 4;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     uint4 za = zero, zb = zero;
-    unsigned f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (r0 < r1) {
-        if (colok) {
-            za = *reinterpret_cast<const uint4*>(pre + min(r0 + g, r1 - 1) * n + col);
-            zb = *reinterpret_cast<const uint4*>(pre + min(r0 + g + 8, r1 - 1) * n + col);
-        }
-        hm_dy_frags(dy, o, r0, r1, f);
+    if (r0 < r1 && colok) {
+        za = *reinterpret_cast<const uint4*>(pre + min(r0 + g, r1 - 1) * n + col);
+        zb = *reinterpret_cast<const uint4*>(pre + min(r0 + g + 8, r1 - 1) * n + col);
     }
 #pragma unroll 1
-    for (u64 r = r0; r < r1; r += 16) {
+    for (u64 r = r0, tile = 0; r < r1; r += 16, tile++) {
         uint4 na = zero, nb = zero;
-        unsigned fn[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        if (r + 16 < r1) {
-            if (colok) {
-                na = *reinterpret_cast<const uint4*>(pre + min(r + 16 + g, r1 - 1) * n + col);
-                nb = *reinterpret_cast<const uint4*>(pre + min(r + 16 + g + 8, r1 - 1) * n + col);
-            }
-            hm_dy_frags(dy, o, r + 16, r1, fn);
+        if (r + 16 < r1 && colok) {
+            na = *reinterpret_cast<const uint4*>(pre + min(r + 16 + g, r1 - 1) * n + col);
+            nb = *reinterpret_cast<const uint4*>(pre + min(r + 16 + g + 8, r1 - 1) * n + col);
         }
+        const uint4 fa = sdy[tile][0][lane], fb = sdy[tile][1][lane];
+        const unsigned f[8] = {fa.x, fa.y, fa.z, fa.w, fb.x, fb.y, fb.z, fb.w};
         const bool oka = r + g < r1, okb = r + g + 8 < r1;
         // The layer's own bias gradient: this lane's share of dy's column sums (outputs g and g + 8).
         {
@@ -699,8 +699,6 @@ __device__ __forceinline__ void head_bwd_mma_rows(const T* __restrict__ dy, u64 
         }
         za = na;
         zb = nb;
-#pragma unroll
-        for (int q = 0; q < 8; q++) f[q] = fn[q];
     }
 }
 
@@ -732,10 +730,19 @@ __device__ void head_bwd_mma_impl(int act, const T* __restrict__ dy, u64 o, cons
     }
 #pragma unroll
     for (int k = 0; k < 8; k++) ab[k] = 0.0f;
+    // The split's dy fragments, tile by tile over the warps (the host keeps r1 - r0 <= HM_SPLIT_MAX).
+    __shared__ uint4 sdy[HM_SPLIT_MAX / 16][2][32];
+    for (u64 tile = threadIdx.y; r0 + 16 * tile < r1; tile += HM_WARPS) {
+        unsigned f[8];
+        hm_dy_frags(dy, o, r0 + 16 * tile, r1, f);
+        sdy[tile][0][lane] = make_uint4(f[0], f[1], f[2], f[3]);
+        sdy[tile][1][lane] = make_uint4(f[4], f[5], f[6], f[7]);
+    }
+    __syncthreads();
     if (act == ACT_RELU) {
-        head_bwd_mma_rows<T, ACT_RELU>(dy, o, pre, dx, n, col, colok, r0, r1, bw, aw, ab, ady);
+        head_bwd_mma_rows<T, ACT_RELU>(sdy, pre, dx, n, col, colok, r0, r1, bw, aw, ab, ady);
     } else {
-        head_bwd_mma_rows<T, ACT_GELU_TANH>(dy, o, pre, dx, n, col, colok, r0, r1, bw, aw, ab, ady);
+        head_bwd_mma_rows<T, ACT_GELU_TANH>(sdy, pre, dx, n, col, colok, r0, r1, bw, aw, ab, ady);
     }
     float* out = partial + (u64)blockIdx.y * (o + 1) * cc;
     // dW: aw[j][e] is output g + 8 (e / 2) at physical column 8t + 2j + e % 2 of the strip.

@@ -38,6 +38,9 @@ const TILE: usize = 64;
 const MMA_TILE: usize = 256;
 /// The most rows a split may have (`HB_SPLIT_MAX`: the block stages its split's `dy` rows in shared memory).
 const SPLIT_MAX: usize = 256;
+/// The most rows a split of the tensor-core backward kernel may have (`HM_SPLIT_MAX`: the block stages its
+/// split's `dy` fragments in shared memory).
+const MMA_SPLIT_MAX: usize = 512;
 /// The fewest rows a split gets when there are enough rows (shorter ones add partial sums without spreading
 /// the work any better).
 const SPLIT_MIN: usize = 64;
@@ -157,7 +160,7 @@ fn fused(be: &mut CudaBackend, op: &LinearActBackward) -> Result<bool> {
     // whose dy the block stages in shared memory).
     let mma = matches!(t, DType::BF16 | DType::F16) && i % 8 == 0 && pp % 16 == 0 && dp % 16 == 0;
     let (name, tile, align, most) = match (mma, o) {
-        (true, _) => ("head_bwd_mma", MMA_TILE, 16, usize::MAX),
+        (true, _) => ("head_bwd_mma", MMA_TILE, 16, MMA_SPLIT_MAX),
         (false, 1..=4) => ("head_bwd4", TILE, 1, SPLIT_MAX),
         (false, 5..=10) => ("head_bwd10", TILE, 1, SPLIT_MAX),
         _ => ("head_bwd16", TILE, 1, SPLIT_MAX),
