@@ -122,13 +122,19 @@ impl CudaBackend {
     }
 }
 
-/// Blocks of `f` (launched with `(32, ROWS)` threads) the whole device holds at once; registers decide it, and
-/// the first passes size their grids from it.
-pub(crate) fn resident_blocks(be: &CudaBackend, f: cu::CUfunction) -> Result<usize> {
+/// Blocks of `f` (launched with `(32, ROWS)` threads) the whole device holds at once; registers and static
+/// shared memory decide it, and the first passes size their grids from it. Asked of the driver once per kernel
+/// and backend, then remembered (an eager step would otherwise query it on every call).
+pub(crate) fn resident_blocks(be: &mut CudaBackend, f: cu::CUfunction) -> Result<usize> {
+    if let Some(&n) = be.resident.get(&(f as usize)) {
+        return Ok(n);
+    }
     // SAFETY: `f` is a function of a module the backend keeps loaded; the query only reads its attributes.
     let per_sm = unsafe { cur::occupancy::max_active_block_per_multiprocessor(f, (32 * ROWS) as i32, 0) }
         .map_err(crate::driver("querying a kernel's occupancy"))?;
-    Ok(per_sm.max(1) as usize * be.sm_count as usize)
+    let n = per_sm.max(1) as usize * be.sm_count as usize;
+    be.resident.insert(f as usize, n);
+    Ok(n)
 }
 
 /// The column chunks both ops share: partial sums `[splits, cc]` f32 in the scratch for a chunk of `cc` columns

@@ -131,6 +131,8 @@ pub struct CudaBackend {
     head_calls: u64,
     /// Whether `softmax_cross_entropy_to` runs as one pass (see `control.rs`).
     fused_loss: bool,
+    /// Resident blocks of a kernel on the whole device, by `CUfunction` address (`act_grad::resident_blocks`).
+    resident: std::collections::HashMap<usize, usize>,
     /// Taken when the backend is dropped and released after every other field: no graph capture (on another
     /// thread) runs while this backend's memory, modules and handles are freed (see graph.rs).
     closing: Option<graph::Exclusive>,
@@ -264,6 +266,7 @@ impl CudaBackend {
             fused_head: true,
             head_calls: 0,
             fused_loss: true,
+            resident: std::collections::HashMap::new(),
             closing: None,
         })
     }
