@@ -60,6 +60,24 @@ fn bytes(be: &mut CudaBackend, b: Buf) -> Vec<u8> {
     v
 }
 
+/// (logits, gradient) dtype pairs of the loss tests.
+const LOSS_PAIRS: [(DType, DType); 5] = [
+    (DType::F32, DType::F32),
+    (DType::BF16, DType::BF16),
+    (DType::F16, DType::F16),
+    (DType::F32, DType::F16),
+    (DType::BF16, DType::F32),
+];
+
+/// Labels `r * 7919 % classes` for `rows` rows, on both backends.
+fn spread_labels(t: &mut Both, rows: usize, classes: usize) -> Buf {
+    let labels = t.alloc(DType::I32, rows);
+    let l: Vec<i32> = (0..rows).map(|r| ((r * 7919) % classes) as i32).collect();
+    t.gpu.upload_i32(labels, &l).unwrap();
+    t.re.upload_i32(labels, &l).unwrap();
+    labels
+}
+
 /// A named rule and the block it starts from.
 fn case(
     name: &'static str,
@@ -185,23 +203,13 @@ fn step_control_decides_like_the_host() {
 fn scaled_softmax_and_counts_write_the_block() {
     let mut t = Both::new();
     let ctl = t.alloc(DType::I32, control::WORDS);
-    let pairs = [
-        (DType::F32, DType::F32),
-        (DType::BF16, DType::BF16),
-        (DType::F16, DType::F16),
-        (DType::F32, DType::F16),
-        (DType::BF16, DType::F32),
-    ];
-    for (lt, dt) in pairs {
+    for (lt, dt) in LOSS_PAIRS {
         for (rows, classes) in [(1, 1), (7, 10), (257, 67), (9000, 10)] {
             // Coarse logits: arg-max ties are common, the first maximum must win on both.
             let v: Vec<f32> = (0..rows * classes).map(|_| (t.rng.below(9) as f32) - 4.0).collect();
             let logits = t.alloc(lt, rows * classes);
             t.upload(logits, &v);
-            let labels = t.alloc(DType::I32, rows);
-            let l: Vec<i32> = (0..rows).map(|r| ((r * 7919) % classes) as i32).collect();
-            t.gpu.upload_i32(labels, &l).unwrap();
-            t.re.upload_i32(labels, &l).unwrap();
+            let labels = spread_labels(&mut t, rows, classes);
             let loss = t.nans(DType::F32, 1);
             let d = t.nans(dt, rows * classes);
             let (loss2, d2) = (t.alloc(DType::F32, 1), t.alloc(dt, rows * classes));
@@ -286,15 +294,8 @@ fn the_loss_to_the_block_is_the_composed_op_in_one_pass() {
     let _ = GPU;
     let mut t = Both::new();
     let ctl = t.alloc(DType::I32, control::WORDS);
-    let pairs = [
-        (DType::F32, DType::F32),
-        (DType::BF16, DType::BF16),
-        (DType::F16, DType::F16),
-        (DType::F32, DType::F16),
-        (DType::BF16, DType::F32),
-    ];
     let mut flushes = 0;
-    for (lt, dt) in pairs {
+    for (lt, dt) in LOSS_PAIRS {
         // 9000 rows: more than 1024 blocks of 8 rows, so blocks take several rows a warp.
         for (rows, classes) in [(1, 1), (7, 10), (33, 40), (257, 67), (9000, 10)] {
             // Coarse logits (arg-max ties), and in row 3 (when there is one) a NaN and -inf.
@@ -305,10 +306,7 @@ fn the_loss_to_the_block_is_the_composed_op_in_one_pass() {
             }
             let logits = t.alloc(lt, rows * classes);
             t.upload(logits, &v);
-            let labels = t.alloc(DType::I32, rows);
-            let l: Vec<i32> = (0..rows).map(|r| ((r * 7919) % classes) as i32).collect();
-            t.gpu.upload_i32(labels, &l).unwrap();
-            t.re.upload_i32(labels, &l).unwrap();
+            let labels = spread_labels(&mut t, rows, classes);
             let (loss, d) = (t.nans(DType::F32, 1), t.nans(dt, rows * classes));
             let room = if dt == DType::F32 { Buf::EMPTY } else { t.nans(DType::F32, rows * classes) };
             let (loss2, d2) = (t.nans(DType::F32, 1), t.nans(dt, rows * classes));
