@@ -184,7 +184,9 @@ pub(crate) fn softmax_xent_to(be: &mut CudaBackend, op: &LossTo) -> Result<()> {
     validate_softmax_cross_entropy(be.capacity, op.logits, op.labels, rows, classes, op.loss, op.dlogits)?;
     let lt = CudaBackend::float(op.logits, "softmax_cross_entropy")?;
     let dt = CudaBackend::float(op.dlogits, "softmax_cross_entropy")?;
-    if rows == 0 {
+    // Nothing to do, or no class a label can name (the composed count then still compares arg-max 0 with each
+    // label): the composed op, for the same words.
+    if rows == 0 || classes == 0 {
         return softmax_cross_entropy_to_composed(be, op);
     }
     be.enter()?;
