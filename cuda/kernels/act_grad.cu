@@ -150,27 +150,8 @@ __device__ void act_grad_bias_impl(int act, const T* pre, T* dy, float* partial,
     }
 }
 
-// dbias[c] = sum over splits of partial[s, c] for c < cc (dbias already offset to the chunk): block (32, AG_BY)
-// over 32 columns, coalesced; thread row y adds splits y, y + AG_BY, ... in order, then row 0 adds the AG_BY
-// sums in order.
-template <typename B>
-__device__ void act_grad_finish_impl(const float* partial, B* dbias, u64 cc, u64 splits) {
-    __shared__ float sh[AG_BY][33];
-    const u64 c = (u64)blockIdx.x * 32 + threadIdx.x;
-    float acc = 0.0f;
-    if (c < cc) {
-#pragma unroll 4
-        for (u64 s = threadIdx.y; s < splits; s += AG_BY) acc += partial[s * cc + c];
-    }
-    sh[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < cc) {
-        float s = 0.0f;
-#pragma unroll
-        for (int t = 0; t < AG_BY; t++) s += sh[t][threadIdx.x];
-        st(dbias, c, s);
-    }
-}
+// dbias[c] = sum over splits of partial[s, c] for c < cc (dbias already offset to the chunk): common.cuh's
+// split_sum_impl with one row (a grid of height 1), coalesced over 32 columns a block.
 
 #define ACT_GRAD(tn, T)                                                                                      \
     extern "C" __global__ void __launch_bounds__(32 * AG_BY)                                                 \
@@ -185,7 +166,7 @@ __device__ void act_grad_finish_impl(const float* partial, B* dbias, u64 cc, u64
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * AG_BY)                                                 \
         act_grad_finish_##tn(const float* partial, T* dbias, u64 cc, u64 splits) {                           \
-        act_grad_finish_impl(partial, dbias, cc, splits);                                                    \
+        split_sum_impl<AG_BY>(partial, cc, dbias, 0, cc, splits);                                             \
     }
 FOR_FLOAT(ACT_GRAD)
 

@@ -83,6 +83,10 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+__device__ __forceinline__ unsigned warp_sum(unsigned v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
@@ -100,6 +104,30 @@ __device__ __forceinline__ float block_sum(float v) {
     if (warp == 0) v = warp_sum(v);
     __syncthreads();
     return v;
+}
+
+// The finishing pass of the kernels that write per-split partial sums (act_grad.cu, head.cu):
+// out[p * ld + c] = sum over splits s of partial[s * stride + p * cc + c], for c < cc and p = blockIdx.y (out
+// already offset to the chunk's first column). Block (32, BY) over 32 columns: thread row y adds splits y, y + BY,
+// ... in order, then row 0 adds the BY sums in order (no atomics: the result depends only on the launch shape).
+template <int BY, typename B>
+__device__ void split_sum_impl(const float* partial, u64 stride, B* out, u64 ld, u64 cc, u64 splits) {
+    __shared__ float sh[BY][33];
+    const u64 c = (u64)blockIdx.x * 32 + threadIdx.x;
+    const u64 p = blockIdx.y;
+    float acc = 0.0f;
+    if (c < cc) {
+#pragma unroll 4
+        for (u64 s = threadIdx.y; s < splits; s += BY) acc += partial[s * stride + p * cc + c];
+    }
+    sh[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < cc) {
+        float s = 0.0f;
+#pragma unroll
+        for (int t = 0; t < BY; t++) s += sh[t][threadIdx.x];
+        st(out, p * ld + c, s);
+    }
 }
 
 // Activations (codes: crate::act_code), forward and derivative: elementwise.cu's activation kernels and

@@ -262,28 +262,7 @@ __device__ void head_bwd_impl(int act, const T* __restrict__ dy, u64 o, const T*
     }
 }
 
-// out[p * ld + c] = sum over splits s of partial[s * stride + p * cc + c], for p < rows and c < cc (out already
-// offset to the chunk's first column): block (32, HB_BY) over 32 columns of one row p = blockIdx.y; thread row
-// y adds splits y, y + HB_BY, ... in order, then row 0 adds the HB_BY sums in order.
-template <typename B>
-__device__ void head_finish_impl(const float* partial, u64 stride, B* out, u64 ld, u64 cc, u64 splits) {
-    __shared__ float sh[HB_BY][33];
-    const u64 c = (u64)blockIdx.x * 32 + threadIdx.x;
-    const u64 p = blockIdx.y;
-    float acc = 0.0f;
-    if (c < cc) {
-#pragma unroll 4
-        for (u64 s = threadIdx.y; s < splits; s += HB_BY) acc += partial[s * stride + p * cc + c];
-    }
-    sh[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < cc) {
-        float s = 0.0f;
-#pragma unroll
-        for (int t = 0; t < HB_BY; t++) s += sh[t][threadIdx.x];
-        st(out, p * ld + c, s);
-    }
-}
+// head_finish: common.cuh's split_sum_impl over the rows p < rows of the partial sums (a grid of height rows).
 
 // ---- head_fwd: the forward pass, y = act(pre) W^T + b, without storing act(pre) ----
 //
@@ -415,7 +394,7 @@ __device__ void head_fwd_impl(int act, const T* __restrict__ pre, const T* __res
     HEAD_BWD_ONE(tn, T, 16, 2)                                                                               \
     extern "C" __global__ void __launch_bounds__(32 * HB_BY)                                                 \
         head_finish_##tn(const float* partial, u64 stride, T* out, u64 ld, u64 cc, u64 splits) {             \
-        head_finish_impl(partial, stride, out, ld, cc, splits);                                              \
+        split_sum_impl<HB_BY>(partial, stride, out, ld, cc, splits);                                         \
     }
 FOR_FLOAT(HEAD)
 // The forward pass on CUDA cores for f32 (16-bit types take head_fwd_mma, below).
@@ -440,39 +419,27 @@ HEAD_FWD_ONE(f32, float, 16)
 // columns past n (n a multiple of 8), count as zeros.
 #define HM_WARPS 8
 
+// d += A B on tensor cores (m16n8k16, T inputs, f32 accumulation), and two values rounded to T packed as a T
+// pair (the first in the low half): one definition per type, the PTX type name its only difference.
 template <typename T>
 __device__ __forceinline__ void hm_mma(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                        unsigned b0, unsigned b1);
-template <>
-__device__ __forceinline__ void hm_mma<bf16>(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                             unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void hm_mma<f16>(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                            unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// Two values rounded to T, packed as a T pair (the first in the low half).
-__device__ __forceinline__ unsigned hm_pack(const bf16*, float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-__device__ __forceinline__ unsigned hm_pack(const f16*, float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
+#define HM_TYPE_OPS(T, ptx)                                                                                  \
+    template <>                                                                                              \
+    __device__ __forceinline__ void hm_mma<T>(float (&d)[4], unsigned a0, unsigned a1, unsigned a2,          \
+                                              unsigned a3, unsigned b0, unsigned b1) {                       \
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ptx "." ptx ".f32 {%0, %1, %2, %3}, "           \
+                     "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"                                         \
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                        \
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));                                \
+    }                                                                                                        \
+    __device__ __forceinline__ unsigned hm_pack(const T*, float lo, float hi) {                              \
+        unsigned r;                                                                                          \
+        asm("cvt.rn." ptx "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));                                \
+        return r;                                                                                            \
+    }
+HM_TYPE_OPS(bf16, "bf16")
+HM_TYPE_OPS(f16, "f16")
 
 // The activation of the 8 values in raw (16 bytes of T), rounded to T and packed in pairs.
 template <typename T, int ACT>

@@ -12,11 +12,6 @@
 // that become zero when stored in D (count_underflow's rule on the f32 value: the same bits the composed op
 // computes into an f32 buffer before casting it). softmax_xent_to_finish adds them into the control block.
 
-__device__ __forceinline__ unsigned warp_sum_u32(unsigned v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 template <typename L, typename D, bool COUNT>
 __device__ void softmax_xent_impl(const L* logits, const int* labels, u64 rows, u64 classes, D* dlogits, float g,
                                   float* partial, int* bad, unsigned* counts) {
@@ -80,7 +75,7 @@ __device__ void softmax_xent_impl(const L* logits, const int* labels, u64 rows, 
     const float total = block_sum(lane == 0 ? local : 0.0f);
     if (threadIdx.x == 0) partial[blockIdx.x] = total;
     if (COUNT) {
-        const unsigned c[3] = {correct, warp_sum_u32(flushed), warp_sum_u32(non_zero)};
+        const unsigned c[3] = {correct, warp_sum(flushed), warp_sum(non_zero)};
         if (lane == 0)
             for (int k = 0; k < 3; k++)
                 if (c[k]) atomicAdd(&block_counts[k], c[k]);
@@ -145,7 +140,7 @@ extern "C" __global__ void softmax_xent_to_finish(const float* partial, const un
         for (int k = 0; k < 3; k++) c[k] += counts[3 * i + k];
     }
     for (int k = 0; k < 3; k++) {
-        c[k] = warp_sum_u32(c[k]);
+        c[k] = warp_sum(c[k]);
         if ((threadIdx.x & 31) == 0 && c[k]) atomicAdd(&total[k], c[k]);
     }
     v = block_sum(v);  // ends with __syncthreads: total[] is complete

@@ -103,11 +103,26 @@ impl CudaBackend {
     }
 }
 
-/// Softmax cross-entropy (see `Backend::softmax_cross_entropy`). With `ctl`, `grad_scale` is further multiplied
-/// by the block's `SCALE` on the device. A label outside `0..classes` raises a flag in the scratch (its row is
-/// left untouched); only the plain op outside a recording waits for that flag and reports
-/// [`Error::LabelOutOfRange`]. The scaled op never waits, and nothing can wait while recording: there the
-/// trainer validates the labels on the host before it uploads them.
+/// Which softmax cross-entropy [`softmax_xent`] runs: one pass (one warp per row, per-block loss partials), then
+/// one finishing block.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Xent {
+    /// `Backend::softmax_cross_entropy`: the gradient scaled by `grad_scale / rows` from the host.
+    Plain,
+    /// `Backend::softmax_cross_entropy_scaled`: `grad_scale` further multiplied by the block's `SCALE` on the
+    /// device.
+    Scaled(Buf),
+    /// `Backend::softmax_cross_entropy_to`: as `Scaled`, with the gradient rounded to its dtype in the pass and
+    /// each block's counts (`softmax_xent_to`), then a finishing block (`softmax_xent_to_finish`) that writes the
+    /// loss and the block's `LAST_CORRECT` (and, for a 16-bit gradient, `LAST_FLUSHED`, `LAST_NON_ZERO`) words.
+    /// The same grid as the others, so the loss has the composed op's bits. No memsets.
+    Counted(Buf),
+}
+
+/// Softmax cross-entropy in the mode `xent`. A label outside `0..classes` raises a flag in the scratch (its row
+/// is left untouched); only the plain op outside a recording waits for that flag and reports
+/// [`Error::LabelOutOfRange`]. The ops with a control block never wait, and nothing can wait while recording:
+/// there the trainer validates the labels on the host before it uploads them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn softmax_xent(
     be: &mut CudaBackend,
@@ -118,9 +133,12 @@ pub(crate) fn softmax_xent(
     loss: Buf,
     dlogits: Buf,
     grad_scale: f32,
-    ctl: Option<Buf>,
+    xent: Xent,
 ) -> Result<()> {
-    let ctl = ctl.map(|c| be.control_block(c)).transpose()?;
+    let ctl = match xent {
+        Xent::Plain => None,
+        Xent::Scaled(c) | Xent::Counted(c) => Some(be.control_block(c)?),
+    };
     validate_softmax_cross_entropy(be.capacity, logits, labels, rows, classes, loss, dlogits)?;
     let (lt, dt) =
         (CudaBackend::float(logits, "softmax_cross_entropy")?, CudaBackend::float(dlogits, "softmax_cross_entropy")?);
@@ -131,6 +149,7 @@ pub(crate) fn softmax_xent(
     let inv_rows = 1.0 / rows as f32;
     let flag = be.scratch + FLAG_OFF as u64;
     let partial = be.scratch + LOSS_OFF as u64;
+    let counts = be.scratch + LOSS_COUNTS_OFF as u64;
     let wait = ctl.is_none() && !be.graphs.recording();
     if wait {
         be.memset_words(flag, 2)?;
@@ -144,21 +163,39 @@ pub(crate) fn softmax_xent(
         Arg::U64(classes as u64),
         Arg::U64(be.ptr(dlogits)),
     ];
-    let f = match ctl {
+    match ctl {
         // g = (grad_scale * SCALE) * inv_rows, multiplied in that order on the device.
-        Some(c) => {
-            args.extend([Arg::F32(grad_scale), Arg::F32(inv_rows), Arg::U64(c)]);
-            be.kernels.get(Family::SoftmaxXent, "softmax_xent_scaled", Some(lt), Some(dt))?
-        }
-        None => {
-            args.push(Arg::F32(grad_scale * inv_rows));
-            be.kernels.get(Family::SoftmaxXent, "softmax_xent", Some(lt), Some(dt))?
+        Some(c) => args.extend([Arg::F32(grad_scale), Arg::F32(inv_rows), Arg::U64(c)]),
+        None => args.push(Arg::F32(grad_scale * inv_rows)),
+    }
+    args.extend([Arg::U64(partial), Arg::U64(flag)]);
+    let name = match xent {
+        Xent::Plain => "softmax_xent",
+        Xent::Scaled(_) => "softmax_xent_scaled",
+        Xent::Counted(_) => {
+            args.push(Arg::U64(counts));
+            "softmax_xent_to"
         }
     };
-    args.extend([Arg::U64(partial), Arg::U64(flag)]);
+    let f = be.kernels.get(Family::SoftmaxXent, name, Some(lt), Some(dt))?;
     launch(&be.stream, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
-    let f = be.kernels.get(Family::SoftmaxXent, "softmax_xent_finish", None, None)?;
-    let args = [Arg::U64(partial), Arg::U64(blocks as u64), Arg::F32(inv_rows), Arg::U64(be.ptr(loss))];
+    let (loss_ptr, parts) = (Arg::U64(be.ptr(loss)), Arg::U64(blocks as u64));
+    let (name, args) = match ctl {
+        Some(c) if matches!(xent, Xent::Counted(_)) => (
+            "softmax_xent_to_finish",
+            vec![
+                Arg::U64(partial),
+                Arg::U64(counts),
+                parts,
+                Arg::F32(inv_rows),
+                loss_ptr,
+                Arg::U64(c),
+                Arg::I32((dt != DType::F32) as i32),
+            ],
+        ),
+        _ => ("softmax_xent_finish", vec![Arg::U64(partial), parts, Arg::F32(inv_rows), loss_ptr]),
+    };
+    let f = be.kernels.get(Family::SoftmaxXent, name, None, None)?;
     launch(&be.stream, f, (1, 1, 1), (1024, 1, 1), &args)?;
     if !wait {
         return Ok(());
@@ -173,54 +210,15 @@ pub(crate) fn softmax_xent(
     Ok(())
 }
 
-/// `Backend::softmax_cross_entropy_to`: one pass (`softmax_xent_to`: the scaled softmax's loss partials and
-/// gradient, stored in the gradient's dtype, and each block's counts), then one block (`softmax_xent_to_finish`)
-/// that writes the loss and the block's `LAST_CORRECT` (and, for a 16-bit gradient, `LAST_FLUSHED`,
-/// `LAST_NON_ZERO`) words. The same grid as `softmax_xent`'s, so the loss has the composed op's bits; the f32
-/// room is not touched. No memsets, no waits.
+/// `Backend::softmax_cross_entropy_to`: [`Xent::Counted`], or the composed op where there is nothing to do or no
+/// class a label can name (the composed count then still compares arg-max 0 with each label), for the same
+/// words. The f32 room is not touched.
 pub(crate) fn softmax_xent_to(be: &mut CudaBackend, op: &LossTo) -> Result<()> {
-    let c = be.control_block(op.ctl)?;
-    let (rows, classes) = (op.rows, op.classes);
-    validate_softmax_cross_entropy(be.capacity, op.logits, op.labels, rows, classes, op.loss, op.dlogits)?;
-    let lt = CudaBackend::float(op.logits, "softmax_cross_entropy")?;
-    let dt = CudaBackend::float(op.dlogits, "softmax_cross_entropy")?;
-    // Nothing to do, or no class a label can name (the composed count then still compares arg-max 0 with each
-    // label): the composed op, for the same words.
-    if rows == 0 || classes == 0 {
+    if op.rows == 0 || op.classes == 0 {
         return softmax_cross_entropy_to_composed(be, op);
     }
-    be.enter()?;
-    let inv_rows = 1.0 / rows as f32;
-    let (flag, partial) = (be.scratch + FLAG_OFF as u64, be.scratch + LOSS_OFF as u64);
-    let counts = be.scratch + LOSS_COUNTS_OFF as u64;
-    // One warp per row, 8 rows per block (softmax_xent's grid).
-    let blocks = rows.div_ceil(8).min(MAX_PARTIAL_BLOCKS);
-    let args = [
-        Arg::U64(be.ptr(op.logits)),
-        Arg::U64(be.ptr(op.labels)),
-        Arg::U64(rows as u64),
-        Arg::U64(classes as u64),
-        Arg::U64(be.ptr(op.dlogits)),
-        Arg::F32(op.grad_scale),
-        Arg::F32(inv_rows),
-        Arg::U64(c),
-        Arg::U64(partial),
-        Arg::U64(flag),
-        Arg::U64(counts),
-    ];
-    let f = be.kernels.get(Family::SoftmaxXent, "softmax_xent_to", Some(lt), Some(dt))?;
-    launch(&be.stream, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
-    let f = be.kernels.get(Family::SoftmaxXent, "softmax_xent_to_finish", None, None)?;
-    let args = [
-        Arg::U64(partial),
-        Arg::U64(counts),
-        Arg::U64(blocks as u64),
-        Arg::F32(inv_rows),
-        Arg::U64(be.ptr(op.loss)),
-        Arg::U64(c),
-        Arg::I32((dt != DType::F32) as i32),
-    ];
-    launch(&be.stream, f, (1, 1, 1), (1024, 1, 1), &args)
+    let (l, y, rows, classes) = (op.logits, op.labels, op.rows, op.classes);
+    softmax_xent(be, l, y, rows, classes, op.loss, op.dlogits, op.grad_scale, Xent::Counted(op.ctl))
 }
 
 impl CudaBackend {

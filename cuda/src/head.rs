@@ -95,6 +95,10 @@ fn fused_forward(be: &mut CudaBackend, op: &LinearActForward) -> Result<bool> {
         (_, 5..=10) => ("head_fwd10", ROWS as usize * FWD_ROWS),
         _ => ("head_fwd16", ROWS as usize * FWD_ROWS),
     };
+    let blocks = rows.div_ceil(rows_per_block);
+    if blocks > u32::MAX as usize {
+        return Ok(false);
+    }
     let f = be.kernels.get(Family::Head, name, Some(t), None)?;
     be.enter()?;
     let args = [
@@ -107,10 +111,6 @@ fn fused_forward(be: &mut CudaBackend, op: &LinearActForward) -> Result<bool> {
         Arg::U64(rows as u64),
         Arg::U64(i as u64),
     ];
-    let blocks = rows.div_ceil(rows_per_block);
-    if blocks > u32::MAX as usize {
-        return Ok(false);
-    }
     launch(&be.stream, f, (blocks as u32, 1, 1), (32, ROWS, 1), &args)?;
     be.head_calls += 1;
     Ok(true)

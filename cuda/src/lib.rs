@@ -125,9 +125,9 @@ pub struct CudaBackend {
     /// Whether the small-n and small-k skinny kernels (and the fused small-k `ActGrad`) run too; off by default:
     /// slower than cuBLAS on the H200 (numbers on `set_skinny_all`).
     skinny_all: bool,
-    /// Whether a classifier layer's backward runs as one pass (see `head.rs`).
+    /// Whether a classifier layer runs as one pass each way (see `head.rs`).
     fused_head: bool,
-    /// Calls the one-pass classifier backward took (for tests and reports).
+    /// Classifier forward and backward calls that ran as one pass (for tests and reports).
     head_calls: u64,
     /// Whether `softmax_cross_entropy_to` runs as one pass (see `control.rs`).
     fused_loss: bool,
@@ -745,7 +745,7 @@ impl Backend for CudaBackend {
         grad_scale: f32,
     ) -> Result<()> {
         // Waits for the bad-label flag, except while recording (see control::softmax_xent).
-        control::softmax_xent(self, logits, labels, rows, classes, loss, dlogits, grad_scale, None)
+        control::softmax_xent(self, logits, labels, rows, classes, loss, dlogits, grad_scale, control::Xent::Plain)
     }
 
     fn im2col(&mut self, x: Buf, g: &ConvGeom, images: usize, cols: Buf) -> Result<()> {
@@ -1012,7 +1012,17 @@ impl Backend for CudaBackend {
         grad_scale: f32,
         ctl: Buf,
     ) -> Result<()> {
-        control::softmax_xent(self, logits, labels, rows, classes, loss, dlogits, grad_scale, Some(ctl))
+        control::softmax_xent(
+            self,
+            logits,
+            labels,
+            rows,
+            classes,
+            loss,
+            dlogits,
+            grad_scale,
+            control::Xent::Scaled(ctl),
+        )
     }
 
     fn softmax_cross_entropy_to(&mut self, op: &LossTo) -> Result<()> {

@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{rig_without_autotune as rig, u, Both};
+use common::{act_derivative, rig_without_autotune as rig, u, Both};
 use mantissa_core::backend::{gemm_fused_composed, Activation, Epilogue, Gemm};
 use mantissa_core::{Arena, Backend, Buf, DType};
 
@@ -23,11 +23,6 @@ const GELU_C: f64 = 0.044_715;
 
 fn gelu_tanh(x: f64) -> f64 {
     0.5 * x * (1.0 + (GELU_S * (x + GELU_C * x * x * x)).tanh())
-}
-
-fn gelu_tanh_grad(x: f64) -> f64 {
-    let t = (GELU_S * (x + GELU_C * x * x * x)).tanh();
-    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_S * (1.0 + 3.0 * GELU_C * x * x)
 }
 
 /// erf by Abramowitz and Stegun 7.1.26 (|error| < 1.5e-7): enough to tell the two GELU forms apart.
@@ -45,13 +40,6 @@ fn gelu_erf(x: f64) -> f64 {
 
 fn gelu_erf_grad(x: f64) -> f64 {
     0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2)) + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
-}
-
-fn derivative(act: Activation, x: f64) -> f64 {
-    match act {
-        Activation::Relu => (x > 0.0) as u8 as f64,
-        Activation::GeluTanh => gelu_tanh_grad(x),
-    }
 }
 
 /// Slack for the activation's f32 implementation inside the epilogue (see the module comment).
@@ -152,7 +140,7 @@ fn case(t: &mut Both, dt: DType, vt: DType, (m, n, k): (usize, usize, usize), la
             let tol_c: Vec<f64> = (0..m * n)
                 .map(|i| {
                     let x = xv[i] as f64;
-                    let d = derivative(act, x).abs() + 1e-3;
+                    let d = act_derivative(act, x).abs() + 1e-3;
                     d * (e[i] + 2.0 * ud * p[i].abs())
                         + 2.0 * ud * (cref[i] as f64).abs()
                         + act_slack(act, x).1 * p[i].abs()
@@ -253,7 +241,7 @@ fn cublaslt_gelu_is_the_tanh_form() {
         assert_eq!(t.gpu.fused_epilogue_calls(), before + 2, "both GELU epilogues must run in cuBLASLt");
         for (name, out, tanh_form, erf_form, slack) in [
             ("GELU", &cg, gelu_tanh as fn(f64) -> f64, gelu_erf as fn(f64) -> f64, 0),
-            ("GELU'", &dg, gelu_tanh_grad, gelu_erf_grad, 1),
+            ("GELU'", &dg, |x| act_derivative(Activation::GeluTanh, x), gelu_erf_grad, 1),
         ] {
             let (mut worst, mut d_tanh, mut d_erf) = (0.0f64, 0.0f64, 0.0f64);
             for (i, &x) in xs.iter().enumerate() {

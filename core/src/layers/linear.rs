@@ -72,6 +72,12 @@ impl Linear {
         Ok(())
     }
 
+    /// `out = x W^T` over `io.rows` rows, the weight stored in the compute dtype: the GEMM of the fused forwards.
+    fn gemm_xwt(&self, p: &LayerParams, io: &Fwd, out: Buf) -> Gemm {
+        let (i, o) = (self.in_features, self.out_features);
+        Gemm::new(io.rows, o, i, io.x, p.weight, out.prefix(io.rows * o)).b_t(i)
+    }
+
     /// This layer and the activation after it in one fused GEMM: `pre = x W^T + b` (this layer's output,
     /// `io.y`) and `y = act(pre)` (the activation's output). The weight must be stored in the compute dtype.
     pub fn forward_act<B: Backend>(
@@ -82,19 +88,14 @@ impl Linear {
         act: Activation,
         y: Buf,
     ) -> Result<()> {
-        let (i, o, rows) = (self.in_features, self.out_features, io.rows);
-        let n = rows * o;
-        let g = Gemm::new(rows, o, i, io.x, p.weight, y.prefix(n)).b_t(i);
-        be.gemm_fused(&g, &Epilogue::BiasAct { bias: p.bias, act, pre: io.y.prefix(n) })
+        let pre = io.y.prefix(io.rows * self.out_features);
+        be.gemm_fused(&self.gemm_xwt(p, io, y), &Epilogue::BiasAct { bias: p.bias, act, pre })
     }
 
     /// [`Linear::forward`] with the bias added in the GEMM's epilogue (where the backend fuses it). The weight
     /// must be stored in the compute dtype.
     pub fn forward_bias<B: Backend>(&self, be: &mut B, p: &LayerParams, io: &Fwd) -> Result<()> {
-        let (i, o, rows) = (self.in_features, self.out_features, io.rows);
-        let n = rows * o;
-        let g = Gemm::new(rows, o, i, io.x, p.weight, io.y.prefix(n)).b_t(i);
-        be.gemm_fused(&g, &Epilogue::Bias { bias: p.bias })
+        be.gemm_fused(&self.gemm_xwt(p, io, io.y), &Epilogue::Bias { bias: p.bias })
     }
 
     /// This layer fed by activation `act` of `pre` (the previous layer's output), in one op: `y = act(pre) W^T
