@@ -9,10 +9,10 @@
 // head_bwd{NP}_{T}, for dy [m, o], W [o, n] (row-major, the layer's weight [O, I]), pre [m, n], all of storage
 // type T, o <= NP (the host picks the smallest NP >= o of 4, 10, 16):
 //   h[r, c]    = round_T(act(pre[r, c]))             (the layer's input as the forward pass stored it; GELU: for
-//                f32, with act_derivative's tanh argument, which can differ from act_forward's by an ulp; for
-//                16-bit T, with the hardware tanh, see act_both)
+//                f32, with the tanh argument GELU_S (x + GELU_C x^2 x), which can differ from act_forward's by
+//                an ulp; for 16-bit T, with the hardware tanh, see act_both)
 //   g[r, c]    = round_T(sum_{p < o} dy[r, p] W[p, c])   (f32 from +0, p ascending, one fmaf a term)
-//   dx[r, c]   = st(g * act'(pre[r, c]))            (f32: ag_group's expression, dy being the stored g)
+//   dx[r, c]   = st(g * act'(pre[r, c]))            (f32: ag_group's expression with act_both's act', dy being g)
 //   partial[split, p, c]  = sum over the split's rows of dy[r, p] * h[r, c] (f32, fmaf), p < o: dW's rows
 //   partial[split, o, c]  = sum over the split's rows of dx[r, c] as stored: the previous layer's bias gradient
 // and head_finish adds the splits in order (no atomics: the result depends only on the launch shape).
@@ -61,7 +61,8 @@ struct HbIo<float> {
     static __device__ __forceinline__ R pack(const float (&d)[2]) { return make_float2(d[0], d[1]); }
 };
 
-// act(x) and act'(x) for storage type T. f32: common.cuh's expressions with one tanhf (see the file comment).
+// act(x) and act'(x) for storage type T. f32: the reference's tanh-form expressions with one tanhf (see the file
+// comment; common.cuh's act_derivative takes the sigmoid form instead, within the tests' tolerances of both).
 // 16-bit T: GELU with the hardware tanh (tanh.approx.f32, relative error at most 2^-10.99) and fused
 // multiply-adds, about a tenth of the instructions of tanhf and the IEEE expression; its error is below one
 // rounding of bf16 (2^-9) and about one of f16 (2^-11), where the result is rounded to anyway. ReLU is exact.

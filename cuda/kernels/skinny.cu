@@ -19,19 +19,8 @@
 
 #define SK_MAX 16
 
-// Same constants, operation order and derivative as elementwise.cu's act_derivative (each family is compiled
-// on its own, with the same options): the fused ActGrad then equals the composed path bit for bit.
-#define SK_GELU_S 0.7978846f
-#define SK_GELU_C 0.044715f
-#define SK_ACT_RELU 0
-
-__device__ __forceinline__ float sk_act_derivative(int act, float x) {
-    if (act == SK_ACT_RELU) return x > 0.0f ? 1.0f : 0.0f;
-    const float x2 = x * x;
-    const float u = SK_GELU_S * (x + SK_GELU_C * x2 * x);
-    const float t = tanhf(u);
-    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * SK_GELU_S * (1.0f + 3.0f * SK_GELU_C * x2);
-}
+// act'(pre): common.cuh's act_derivative, as activation_backward and act_grad_bias compute it: the fused
+// ActGrad then equals the composed path bit for bit.
 
 // V consecutive elements of storage type T moved with loads / stores of up to 16 bytes (the host launches the
 // V > 1 kernels only when every such group is aligned to its size, or to 16 bytes), then widened and rounded
@@ -389,7 +378,7 @@ __device__ void skinny_k_impl(const A* __restrict__ a, const A* __restrict__ b, 
                     // As `gemm` (C = round(alpha sum)) then `activation_backward` (dx = dy * act'(x), rounded).
 #pragma unroll
                     for (int v = 0; v < V; v++)
-                        out.set(v, rnd((const C*)0, alpha * acc[r][v]) * sk_act_derivative(act, pv[r].at(v)));
+                        out.set(v, rnd((const C*)0, alpha * acc[r][v]) * act_derivative(act, pv[r].at(v)));
                 } else if (beta == 0.0f) {
 #pragma unroll
                     for (int v = 0; v < V; v++) out.set(v, alpha * acc[r][v]);
