@@ -10,6 +10,7 @@
 #                                     # timing.log, report.log, profile.log (nsys, if installed), bench.log,
 #                                     # summary.txt.
 #   bash scripts/gpu-check.sh ncu head_bwd_mma '^adamw8'   # on the GPU machine: Nsight Compute on those kernels
+#   bash scripts/gpu-check.sh timeline [POLICY]  # on the GPU machine: every kernel of one step, in order, timed
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -155,6 +156,25 @@ perf() {
     mkdir -p "$out"
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}
     : >"$out/perf.log"
+    : >"$out/marks.txt"
+    # SM clock, power, temperature and clock-event reasons every 100 ms, to tell a slower pass from a GPU that
+    # ran slower at the time (scripts/clock_segments.py sums them up per program below).
+    local reasons=clocks_event_reasons.active
+    nvidia-smi --query-gpu=$reasons --format=csv >/dev/null 2>&1 || reasons=clocks_throttle_reasons.active
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,$reasons \
+        --format=csv,noheader,nounits -lms 100 2>/dev/null |
+        python3 -u -c '
+import sys, datetime
+for line in sys.stdin:
+    f = line.split(",", 1)
+    try:
+        t = datetime.datetime.strptime(f[0].strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+    except ValueError:
+        continue
+    print(f"{t:.3f},{f[1].strip()}", flush=True)
+' >"$out/smi.csv" &
+    local sampler=$!
+    mark() { echo "mark $(date +%s.%N) $*" >>"$out/marks.txt"; }
     # The default against one switch flipped (PERF_ALT, default --no-fused-head; --no-autotune was the one
     # compared before), in both orders (clocks and L2 after the first runs could favour either).
     local alt="${PERF_ALT:---no-fused-head}"
@@ -163,15 +183,23 @@ perf() {
         [ "$pass" = 2 ] && flags=("$alt" "")
         for flag in "${flags[@]}"; do
             echo "=== gpu_report --mode graph --warmup 30 $flag (pass $pass)" >>"$out/perf.log"
+            mark "gpu_report $flag (pass $pass)"
             # shellcheck disable=SC2086
             timeout 120 .gpu/gpu_report --mode graph --warmup 30 $flag >>"$out/perf.log" 2>&1
         done
         echo "=== pytorch (pass $pass)" >>"$out/perf.log"
+        mark "pytorch (pass $pass)"
         timeout 300 python3 benches/peers/pytorch_gpu.py >>"$out/perf.log" 2>&1
     done
     echo "=== gpu_report --profile" >>"$out/perf.log"
+    mark "gpu_report --profile"
     timeout 120 .gpu/gpu_report --profile --steps 20 >>"$out/perf.log" 2>&1
-    grep -E "^=== |^train:|^lt_tune:|^profile:|^error|step_ms|peak" "$out/perf.log" | tee "$out/perf-summary.txt"
+    mark "end"
+    sleep 0.3
+    kill "$sampler" 2>/dev/null
+    pkill -f "nvidia-smi --query-gpu=timestamp" 2>/dev/null
+    python3 scripts/clock_segments.py "$out/smi.csv" "$out/marks.txt" >>"$out/perf.log" 2>&1
+    grep -E "^=== |^train:|^lt_tune:|^profile:|^clocks:|^error|step_ms|peak" "$out/perf.log" | tee "$out/perf-summary.txt"
 }
 
 # Nsight Compute on one launch (the third) of each kernel whose name matches one of the arguments (regular
@@ -195,10 +223,27 @@ ncu_kernels() {
     done
 }
 
+# Every kernel of a queued mixed_bfloat16 gpu-mlp step (the last of a few), one at a time, at the clocks and
+# with the caches as they are (no locking, no flushing): names and durations in launch order, and their sum
+# (scripts/kernel_timeline.py). GEMM autotune is off, so cuBLAS's default algorithms run.
+timeline() {
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+    local out="${OUT:-gpu-out}" policy="${1:-mixed_bfloat16}"
+    mkdir -p "$out"
+    MANTISSA_CUDA_AUTOTUNE=0 timeout 300 ncu --clock-control none --cache-control none \
+        --metrics gpu__time_duration.sum --csv --print-units base \
+        .gpu/gpu_report --mode queued --policy "$policy" --warmup 2 --steps 2 >"$out/timeline-$policy.csv" 2>&1
+    python3 scripts/kernel_timeline.py "$out/timeline-$policy.csv"
+}
+
 case "${1:-}" in
 build) build ;;
 run) run ;;
 perf) perf ;;
+timeline)
+    shift
+    timeline "$@"
+    ;;
 ncu)
     shift
     ncu_kernels "$@"
