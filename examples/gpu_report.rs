@@ -64,6 +64,10 @@ struct Args {
     /// pass (`CudaBackend::set_fused_loss`).
     #[arg(long)]
     no_fused_loss: bool,
+    /// Launch every kernel only after the previous one has finished, instead of with programmatic dependent
+    /// launch (`CudaBackend::set_pdl`; on by default from sm_90).
+    #[arg(long)]
+    no_pdl: bool,
 }
 
 const MODES: [&str; 3] = ["graph", "queued", "per-step"];
@@ -99,11 +103,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         for mode in MODES.into_iter().filter(|m| args.mode.as_deref().is_none_or(|a| a == *m)) {
             let (ms, peak, tuning) = time_policy(&args, policy, mode)?;
             println!(
-                "train: workload=gpu-mlp backend=cuda policy={policy} mode={mode}{}{}{}{} step_ms={ms:.3} samples_per_s={:.0} peak_device_bytes={peak}",
+                "train: workload=gpu-mlp backend=cuda policy={policy} mode={mode}{}{}{}{}{} step_ms={ms:.3} samples_per_s={:.0} peak_device_bytes={peak}",
                 if args.fuse_act_grad { " fuse_act_grad=1" } else { "" },
                 if args.no_autotune { " autotune=0" } else { "" },
                 if args.no_fused_head { " fused_head=0" } else { "" },
                 if args.no_fused_loss { " fused_loss=0" } else { "" },
+                if args.no_pdl { " pdl=0" } else { "" },
                 args.batch as f64 / ms * 1e3
             );
             // What the first step measured (the same for every mode: printed once per policy).
@@ -132,6 +137,7 @@ fn staged_trainer<B: Backend>(
     backend.set_autotune(!args.no_autotune);
     backend.set_fused_head(!args.no_fused_head);
     backend.set_fused_loss(!args.no_fused_loss);
+    backend.set_pdl(!args.no_pdl);
     let mut t = Trainer::new(wrap(backend), model, policy, optimizer, TrainConfig::new(args.batch, policy))?;
     let mut rng = Rng::new(3);
     let x: Vec<f32> = (0..args.batch * 784).map(|_| rng.next_f32()).collect();

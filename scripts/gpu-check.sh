@@ -8,7 +8,7 @@
 #                                     # binary with --include-ignored, mnist on the cuda backend, the step timing.
 #                                     # Logs go to $OUT (or ./gpu-out): nvidia-smi.txt, tests.log, mnist.log,
 #                                     # timing.log, report.log, profile.log (nsys, if installed), bench.log,
-#                                     # summary.txt.
+#                                     # summary.txt. SKIP_BENCH=1 leaves out the criterion bench (~150 s).
 #   bash scripts/gpu-check.sh ncu head_bwd_mma '^adamw8'   # on the GPU machine: Nsight Compute on those kernels
 #   bash scripts/gpu-check.sh timeline [POLICY]  # on the GPU machine: every kernel of one step, in order, timed
 set -uo pipefail
@@ -129,7 +129,7 @@ run() {
     else
         echo "nsys not installed: no kernel profile" >"$out/profile.log"
     fi
-    if [ -x .gpu/cpu_vs_gpu ]; then
+    if [ -x .gpu/cpu_vs_gpu ] && [ -z "${SKIP_BENCH:-}" ]; then
         timeout 150 .gpu/cpu_vs_gpu --bench --warm-up-time 1 --measurement-time 2 >"$out/bench.log" 2>&1
         echo "=== cpu_vs_gpu exit $?" >>"$out/bench.log"
     fi

@@ -17,6 +17,9 @@
 //! detector never looks at the analytic gradient, so it cannot hide a wrong one. Models without kinks must
 //! skip nothing.
 
+// Parallel arrays (backend result, f64 model, tolerance) are walked by index on purpose.
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use common::*;

@@ -157,15 +157,18 @@ __device__ void act_grad_bias_impl(int act, const T* pre, T* dy, float* partial,
     extern "C" __global__ void __launch_bounds__(32 * AG_BY)                                                 \
         act_grad_bias16_##tn(int act, const T* pre, T* dy, float* partial, u64 m, u64 n, u64 c0, u64 cc,     \
                              u64 rows_per_split) {                                                           \
+        PDL_ENTRY();                                                                                         \
         act_grad_bias16_impl(act, pre, dy, partial, m, n, c0, cc, rows_per_split);                           \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * AG_BY)                                                 \
         act_grad_bias_##tn(int act, const T* pre, T* dy, float* partial, u64 m, u64 n, u64 c0, u64 cc,       \
                            u64 rows_per_split) {                                                             \
+        PDL_ENTRY();                                                                                         \
         act_grad_bias_impl(act, pre, dy, partial, m, n, c0, cc, rows_per_split);                             \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * AG_BY)                                                 \
         act_grad_finish_##tn(const float* partial, T* dbias, u64 cc, u64 splits) {                           \
+        PDL_ENTRY();                                                                                         \
         split_sum_impl<AG_BY>(partial, cc, dbias, 0, cc, splits);                                             \
     }
 FOR_FLOAT(ACT_GRAD)
@@ -362,6 +365,7 @@ __device__ void act_grad_small_k_impl(int act, const T* __restrict__ a, u64 lda,
     extern "C" __global__ void __launch_bounds__(32 * AG_BY, MINB) act_grad_small_k##K##_##tn(                \
         int act, const T* a, u64 lda, const T* b, u64 ldb, u64 k, const T* pre, T* dx, float* partial, u64 m, \
         u64 n, u64 c0, u64 cc, u64 rows_per_split) {                                                         \
+        PDL_ENTRY();                                                                                         \
         act_grad_small_k_impl<T, K>(act, a, lda, b, ldb, k, pre, dx, partial, m, n, c0, cc, rows_per_split); \
     }
 #define ACT_GRAD_SMALL_K(tn, T)        \

@@ -75,6 +75,18 @@ __device__ __forceinline__ float rnd(const bf16*, float v) {
     return __uint_as_float(((unsigned)f32_to_bf16_bits(v)) << 16);
 }
 
+// Programmatic dependent launch (sm_90 and later; the host launches every kernel with it there, see
+// kernels.rs `launch`): the first statement of every kernel. `griddepcontrol.wait` blocks until the kernels
+// before this one in the stream have finished and their writes are visible, so nothing a kernel reads can be
+// stale; `launch_dependents` then lets the next kernel's blocks be scheduled while this one's last blocks run
+// (they wait in their own griddepcontrol.wait), which hides the launch gap between short kernels. Without the
+// launch attribute, or before sm_90 (where this expands to nothing), kernels run one after the other as usual.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_ENTRY() ((void)0)
+#endif
+
 // Grid-stride loops over 64-bit element counts.
 __device__ __forceinline__ u64 gtid() { return (u64)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ u64 gstride() { return (u64)gridDim.x * blockDim.x; }

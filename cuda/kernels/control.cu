@@ -112,6 +112,7 @@ __device__ void step_control_impl(unsigned* ctl, const double* sums, const u64* 
         float fixed_scale, float growth_factor, float backoff_factor, unsigned growth_interval,              \
         unsigned hysteresis, float min_scale, int has_clip, float clip_norm, int has_adam, float beta1,      \
         float beta2) {                                                                                       \
+        PDL_ENTRY();                                                                                         \
         step_control_impl(ctl, sums, counts, parts, loss, mode, fixed_scale, growth_factor, backoff_factor,  \
                           growth_interval, hysteresis, min_scale, has_clip, clip_norm, has_adam, beta1, beta2); \
     }

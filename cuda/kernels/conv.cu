@@ -52,10 +52,12 @@ __device__ void col2im_impl(const C* cols, X* dx, i64 images, i64 ch, i64 h, i64
 #define CONV(an, A, bn, B)                                                                                   \
     extern "C" __global__ void im2col_##an##_##bn(const A* x, B* cols, i64 images, i64 ch, i64 h, i64 w,    \
                                                   i64 k, i64 s, i64 pad, i64 oh, i64 ow) {                   \
+        PDL_ENTRY();                                                                                         \
         im2col_impl(x, cols, images, ch, h, w, k, s, pad, oh, ow);                                           \
     }                                                                                                        \
     extern "C" __global__ void col2im_##an##_##bn(const A* cols, B* dx, i64 images, i64 ch, i64 h, i64 w,   \
                                                   i64 k, i64 s, i64 pad, i64 oh, i64 ow) {                   \
+        PDL_ENTRY();                                                                                         \
         col2im_impl(cols, dx, images, ch, h, w, k, s, pad, oh, ow);                                          \
     }
 FOR_FLOAT_PAIR(CONV)

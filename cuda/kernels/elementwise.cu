@@ -92,27 +92,39 @@ __device__ void act_bwd8_impl(int act, const X* x, const D* dy, D* dx, u64 n) {
 }
 
 #define ELEMENTWISE(an, A, bn, B)                                                                            \
-    extern "C" __global__ void cast_##an##_##bn(const A* src, B* dst, u64 n) { cast_impl(src, dst, n); }    \
+    extern "C" __global__ void cast_##an##_##bn(const A* src, B* dst, u64 n) {                               \
+        PDL_ENTRY();                                                                                         \
+        cast_impl(src, dst, n);                                                                              \
+    }                                                                                                        \
     extern "C" __global__ void add_bias_##an##_##bn(A* y, const B* bias, u64 n, u64 channels, u64 inner) { \
+        PDL_ENTRY();                                                                                         \
         add_bias_impl(y, bias, n, channels, inner);                                                          \
     }                                                                                                        \
     extern "C" __global__ void act_fwd_##an##_##bn(int act, const A* x, B* y, u64 n) {                     \
+        PDL_ENTRY();                                                                                         \
         act_fwd_impl(act, x, y, n);                                                                          \
     }                                                                                                        \
     extern "C" __global__ void act_bwd_##an##_##bn(int act, const A* x, const B* dy, B* dx, u64 n) {       \
+        PDL_ENTRY();                                                                                         \
         act_bwd_impl(act, x, dy, dx, n);                                                                     \
     }
 FOR_FLOAT_PAIR(ELEMENTWISE)
 
 #define ELEMENTWISE8(an, A, bn, B)                                                                           \
-    extern "C" __global__ void cast8_##an##_##bn(const A* src, B* dst, u64 n) { cast8_impl(src, dst, n); }  \
+    extern "C" __global__ void cast8_##an##_##bn(const A* src, B* dst, u64 n) {                              \
+        PDL_ENTRY();                                                                                         \
+        cast8_impl(src, dst, n);                                                                             \
+    }                                                                                                        \
     extern "C" __global__ void add_bias8_##an##_##bn(A* y, const B* bias, u64 n, u64 channels, u64 inner) {\
+        PDL_ENTRY();                                                                                         \
         add_bias8_impl(y, bias, n, channels, inner);                                                         \
     }                                                                                                        \
     extern "C" __global__ void act_fwd8_##an##_##bn(int act, const A* x, B* y, u64 n) {                    \
+        PDL_ENTRY();                                                                                         \
         act_fwd8_impl(act, x, y, n);                                                                         \
     }                                                                                                        \
     extern "C" __global__ void act_bwd8_##an##_##bn(int act, const A* x, const B* dy, B* dx, u64 n) {      \
+        PDL_ENTRY();                                                                                         \
         act_bwd8_impl(act, x, dy, dx, n);                                                                    \
     }
 FOR_FLOAT_PAIR(ELEMENTWISE8)

@@ -28,6 +28,7 @@ __device__ void gemm_naive_impl(const A* a, const A* b, C* c, u64 m, u64 n, u64 
                                                       u64 lda, u64 ldb, u64 ldc, int trans_a, int trans_b,   \
                                                       float alpha, float beta, u64 batch, u64 sa, u64 sb,    \
                                                       u64 sc) {                                              \
+        PDL_ENTRY();                                                                                         \
         gemm_naive_impl(a, b, c, m, n, k, lda, ldb, ldc, trans_a, trans_b, alpha, beta, batch, sa, sb, sc);  \
     }
 FOR_FLOAT_PAIR(GEMM)

@@ -379,6 +379,7 @@ __device__ void head_fwd_impl(int act, const T* __restrict__ pre, const T* __res
 #define HEAD_FWD_ONE(tn, T, NP)                                                                              \
     extern "C" __global__ void __launch_bounds__(32 * HF_BY, 2) head_fwd##NP##_##tn(                          \
         int act, const T* pre, const T* w, const T* bias, T* y, u64 o, u64 m, u64 n) {                       \
+        PDL_ENTRY();                                                                                         \
         head_fwd_impl<T, NP>(act, pre, w, bias, y, o, m, n);                                                 \
     }
 
@@ -386,6 +387,7 @@ __device__ void head_fwd_impl(int act, const T* __restrict__ pre, const T* __res
     extern "C" __global__ void __launch_bounds__(32 * HB_BY, MINB) head_bwd##NP##_##tn(                        \
         int act, const T* dy, u64 o, const T* w, const T* pre, T* dx, float* partial, float* dbp, u64 m, u64 n, \
         u64 c0, u64 cc, u64 rows_per_split) {                                                                  \
+        PDL_ENTRY();                                                                                         \
         head_bwd_impl<T, NP>(act, dy, o, w, pre, dx, partial, dbp, m, n, c0, cc, rows_per_split);              \
     }
 // At most 128 registers a thread (two blocks a multiprocessor) for 10 and 16 outputs: at three (85) they spill.
@@ -395,6 +397,7 @@ __device__ void head_fwd_impl(int act, const T* __restrict__ pre, const T* __res
     HEAD_BWD_ONE(tn, T, 16, 2)                                                                               \
     extern "C" __global__ void __launch_bounds__(32 * HB_BY)                                                 \
         head_finish_##tn(const float* partial, u64 stride, T* out, u64 ld, u64 cc, u64 splits) {             \
+        PDL_ENTRY();                                                                                         \
         split_sum_impl<HB_BY>(partial, stride, out, ld, cc, splits);                                         \
     }
 FOR_FLOAT(HEAD)
@@ -544,6 +547,7 @@ __device__ void head_fwd_mma_impl(int act, const T* __restrict__ pre, const T* _
 #define HEAD_FWD_MMA(tn, T)                                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * HM_WARPS) head_fwd_mma_##tn(                            \
         int act, const T* pre, const T* w, const T* bias, T* y, u64 o, u64 m, u64 n) {                       \
+        PDL_ENTRY();                                                                                         \
         head_fwd_mma_impl<T>(act, pre, w, bias, y, o, m, n);                                                  \
     }
 HEAD_FWD_MMA(bf16, bf16)
@@ -755,6 +759,7 @@ __device__ void head_bwd_mma_impl(int act, const T* __restrict__ dy, u64 o, cons
     extern "C" __global__ void __launch_bounds__(32 * HM_WARPS, 2) head_bwd_mma_##tn(                          \
         int act, const T* dy, u64 o, const T* w, const T* pre, T* dx, float* partial, float* dbp, u64 m,      \
         u64 n, u64 c0, u64 cc, u64 rows_per_split) {                                                         \
+        PDL_ENTRY();                                                                                         \
         head_bwd_mma_impl<T>(act, dy, o, w, pre, dx, partial, dbp, m, n, c0, cc, rows_per_split);            \
     }
 HEAD_BWD_MMA(bf16, bf16)

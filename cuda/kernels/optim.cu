@@ -206,12 +206,14 @@ __device__ void sgd8_impl(float* master, W* working, const float* grad, float* m
     extern "C" __global__ void sgd_##wn(float* master, W* working, const float* grad, float* mom, u64 n,     \
                                         float lr, float momentum, int nesterov, float weight_decay,          \
                                         float grad_scale, int write_working) {                               \
+        PDL_ENTRY();                                                                                         \
         sgd_impl(master, working, grad, mom, n, lr, momentum, nesterov, weight_decay, grad_scale,            \
                  write_working);                                                                             \
     }                                                                                                        \
     extern "C" __global__ void adamw_##wn(float* master, W* working, const float* grad, float* m, float* v,  \
                                           u64 n, float step_size, float bc2_sqrt, float decay, float beta1,  \
                                           float beta2, float eps, float grad_scale, int write_working) {     \
+        PDL_ENTRY();                                                                                         \
         adamw_impl(master, working, grad, m, v, n, step_size, bc2_sqrt, decay, beta1, beta2, eps,            \
                    grad_scale, write_working);                                                               \
     }
@@ -221,6 +223,7 @@ FOR_FLOAT(OPTIM)
     extern "C" __global__ void STREAM_BOUNDS                                                                 \
     sgd8_##wn(float* master, W* working, const float* grad, float* mom, u64 n, float lr, float momentum,     \
               int nesterov, float weight_decay, float grad_scale, int write_working) {                       \
+        PDL_ENTRY();                                                                                         \
         sgd8_impl(master, working, grad, mom, n, lr, momentum, nesterov, weight_decay, grad_scale,           \
                   write_working);                                                                            \
     }                                                                                                        \
@@ -228,6 +231,7 @@ FOR_FLOAT(OPTIM)
     adamw8_##wn(float* master, W* working, const float* grad, float* m, float* v, u64 n, float step_size,    \
                 float bc2_sqrt, float decay, float beta1, float beta2, float eps, float grad_scale,          \
                 int write_working) {                                                                         \
+        PDL_ENTRY();                                                                                         \
         adamw8_impl(master, working, grad, m, v, n, step_size, bc2_sqrt, decay, beta1, beta2, eps,           \
                     grad_scale, write_working);                                                              \
     }
@@ -245,6 +249,7 @@ __device__ __forceinline__ float ctl_word_f32(const unsigned* ctl, int w) { retu
     extern "C" __global__ void sgd_gated_##wn(float* master, W* working, const float* grad, float* mom, u64 n, \
                                               float lr, float momentum, int nesterov, float weight_decay,    \
                                               const unsigned* ctl, int write_working) {                      \
+        PDL_ENTRY();                                                                                         \
         if (gate_closed(ctl)) return;                                                                        \
         sgd_impl(master, working, grad, mom, n, lr, momentum, nesterov, weight_decay,                        \
                  ctl_word_f32(ctl, CTL_GRAD_MUL), write_working);                                            \
@@ -253,6 +258,7 @@ __device__ __forceinline__ float ctl_word_f32(const unsigned* ctl, int w) { retu
     sgd8_gated_##wn(float* master, W* working, const float* grad, float* mom, u64 n, float lr,               \
                     float momentum, int nesterov, float weight_decay, const unsigned* ctl,                   \
                     int write_working) {                                                                     \
+        PDL_ENTRY();                                                                                         \
         if (gate_closed(ctl)) return;                                                                        \
         sgd8_impl(master, working, grad, mom, n, lr, momentum, nesterov, weight_decay,                       \
                   ctl_word_f32(ctl, CTL_GRAD_MUL), write_working);                                           \
@@ -261,6 +267,7 @@ __device__ __forceinline__ float ctl_word_f32(const unsigned* ctl, int w) { retu
                                                 float* v, u64 n, float lr, float beta1, float beta2,         \
                                                 float eps, float weight_decay, const unsigned* ctl,          \
                                                 int write_working) {                                         \
+        PDL_ENTRY();                                                                                         \
         if (gate_closed(ctl)) return;                                                                        \
         const float bc1 = ctl_word_f32(ctl, CTL_BIAS_CORRECTION1), bc2 = ctl_word_f32(ctl, CTL_BIAS_CORRECTION2); \
         adamw_impl(master, working, grad, m, v, n, lr / bc1, sqrtf(bc2), 1.0f - lr * weight_decay, beta1,    \
@@ -270,6 +277,7 @@ __device__ __forceinline__ float ctl_word_f32(const unsigned* ctl, int w) { retu
     adamw8_gated_##wn(float* master, W* working, const float* grad, float* m, float* v, u64 n, float lr,     \
                       float beta1, float beta2, float eps, float weight_decay, const unsigned* ctl,          \
                       int write_working) {                                                                   \
+        PDL_ENTRY();                                                                                         \
         if (gate_closed(ctl)) return;                                                                        \
         const float bc1 = ctl_word_f32(ctl, CTL_BIAS_CORRECTION1), bc2 = ctl_word_f32(ctl, CTL_BIAS_CORRECTION2); \
         adamw8_impl(master, working, grad, m, v, n, lr / bc1, sqrtf(bc2), 1.0f - lr * weight_decay, beta1,   \

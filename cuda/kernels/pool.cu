@@ -57,10 +57,12 @@ __device__ void maxpool_bwd_impl(const D* dy, const int* argmax, X* dx, i64 imag
 #define POOL(an, A, bn, B)                                                                                   \
     extern "C" __global__ void maxpool_##an##_##bn(const A* x, B* y, int* argmax, i64 images, i64 ch, i64 h, \
                                                    i64 w, i64 k, i64 s, i64 oh, i64 ow) {                    \
+        PDL_ENTRY();                                                                                         \
         maxpool_impl(x, y, argmax, images, ch, h, w, k, s, oh, ow);                                          \
     }                                                                                                        \
     extern "C" __global__ void maxpool_bwd_##an##_##bn(const A* dy, const int* argmax, B* dx, i64 images,    \
                                                        i64 ch, i64 h, i64 w, i64 k, i64 s, i64 oh, i64 ow) { \
+        PDL_ENTRY();                                                                                         \
         maxpool_bwd_impl(dy, argmax, dx, images, ch, h, w, k, s, oh, ow);                                    \
     }
 FOR_FLOAT_PAIR(POOL)

@@ -163,31 +163,38 @@ __device__ void grad_stats_impl(const G* grad, u64 n, float scale, double* sums,
 #define REDUCE(yn, Y)                                                                                        \
     extern "C" __global__ void bias_grad_rows_##yn(const Y* dy, float* partial, u64 outer, u64 channels,    \
                                                    u64 c0, u64 cc, u64 rows_per_split) {                     \
+        PDL_ENTRY();                                                                                         \
         bias_grad_rows_impl(dy, partial, outer, channels, c0, cc, rows_per_split);                           \
     }                                                                                                        \
     extern "C" __global__ void bias_grad_inner_##yn(const Y* dy, float* partial, u64 outer, u64 channels,   \
                                                     u64 inner, u64 c0, u64 cc, u64 outer_per_split) {        \
+        PDL_ENTRY();                                                                                         \
         bias_grad_inner_impl(dy, partial, outer, channels, inner, c0, cc, outer_per_split);                  \
     }                                                                                                        \
     extern "C" __global__ void bias_grad_finish_##yn(const float* partial, Y* dbias, u64 c0, u64 cc,         \
                                                      u64 splits) {                                           \
+        PDL_ENTRY();                                                                                         \
         bias_grad_finish_impl(partial, dbias, c0, cc, splits);                                               \
     }                                                                                                        \
     extern "C" __global__ void bias_grad_few_##yn(const Y* dy, float* partial, u64 outer, u64 channels,     \
                                                   u64 rows_per_block) {                                      \
+        PDL_ENTRY();                                                                                         \
         bias_grad_few_impl(dy, partial, outer, channels, rows_per_block);                                    \
     }                                                                                                        \
     extern "C" __global__ void bias_grad_finish_warp_##yn(const float* partial, Y* dbias, u64 channels,      \
                                                           u64 splits) {                                      \
+        PDL_ENTRY();                                                                                         \
         bias_grad_finish_warp_impl(partial, dbias, channels, splits);                                        \
     }                                                                                                        \
     extern "C" __global__ void STATS_BOUNDS                                                                  \
     grad_stats_##yn(const Y* grad, u64 n, float scale, double* sums, u64* counts) {                          \
+        PDL_ENTRY();                                                                                         \
         grad_stats_impl(grad, n, scale, sums, counts);                                                       \
     }                                                                                                        \
     /* Backend::step_control's first pass: unscaled by 1 / SCALE of the step-control block, read here. */   \
     extern "C" __global__ void STATS_BOUNDS                                                                  \
     grad_stats_ctl_##yn(const Y* grad, u64 n, const unsigned* ctl, double* sums, u64* counts) {              \
+        PDL_ENTRY();                                                                                         \
         grad_stats_impl(grad, n, 1.0f / __uint_as_float(ctl[CTL_SCALE]), sums, counts);                      \
     }
 FOR_FLOAT(REDUCE)
@@ -212,10 +219,12 @@ __device__ void count_underflow_impl(const S* src, u64 n, C* counts) {
 
 #define COUNT_UNDERFLOW(sn, S, dn, D)                                                                        \
     extern "C" __global__ void count_underflow_##sn##_##dn(const S* src, u64 n, u64* counts) {             \
+        PDL_ENTRY();                                                                                         \
         count_underflow_impl<S, D>(src, n, counts);                                                          \
     }                                                                                                        \
     /* counts: the block's LAST_FLUSHED and LAST_NON_ZERO words (zeroed by the host). */                     \
     extern "C" __global__ void count_underflow_ctl_##sn##_##dn(const S* src, u64 n, unsigned* counts) {    \
+        PDL_ENTRY();                                                                                         \
         count_underflow_impl<S, D>(src, n, counts);                                                          \
     }
 FOR_FLOAT_PAIR(COUNT_UNDERFLOW)

@@ -405,21 +405,25 @@ __device__ void skinny_k_impl(const A* __restrict__ a, const A* __restrict__ b, 
     extern "C" __global__ void __launch_bounds__(128) skinny_n_##an##_##cn(                                  \
         const A* a, const A* b, C* c, u64 m, u64 n, u64 k, u64 lda, u64 ldb, u64 ldc, int trans_b, float alpha, \
         float beta) {                                                                                        \
+        PDL_ENTRY();                                                                                         \
         skinny_n_impl<1>(a, b, c, m, n, k, lda, ldb, ldc, trans_b, alpha, beta);                             \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(128) skinny_n8_##an##_##cn(                                 \
         const A* a, const A* b, C* c, u64 m, u64 n, u64 k, u64 lda, u64 ldb, u64 ldc, int trans_b, float alpha, \
         float beta) {                                                                                        \
+        PDL_ENTRY();                                                                                         \
         skinny_n_impl<8>(a, b, c, m, n, k, lda, ldb, ldc, trans_b, alpha, beta);                             \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(128) skinny_k_##an##_##cn(                                  \
         const A* a, const A* b, C* c, const C* pre, u64 m, u64 n, u64 k, u64 lda, u64 ldb, u64 ldc,          \
         int trans_a, int trans_b, float alpha, float beta, int act) {                                        \
+        PDL_ENTRY();                                                                                         \
         skinny_k_impl<1>(a, b, c, pre, m, n, k, lda, ldb, ldc, trans_a, trans_b, alpha, beta, act);          \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(128) skinny_k8_##an##_##cn(                                 \
         const A* a, const A* b, C* c, const C* pre, u64 m, u64 n, u64 k, u64 lda, u64 ldb, u64 ldc,          \
         int trans_a, int trans_b, float alpha, float beta, int act) {                                        \
+        PDL_ENTRY();                                                                                         \
         skinny_k_impl<8>(a, b, c, pre, m, n, k, lda, ldb, ldc, trans_a, trans_b, alpha, beta, act);          \
     }
 FOR_SKINNY_PAIR(SKINNY)
@@ -428,15 +432,18 @@ FOR_SKINNY_PAIR(SKINNY)
     extern "C" __global__ void __launch_bounds__(256, 2) skinny_m_part_##tn(                                 \
         const T* a, const T* b, float* partial, u64 m, u64 n, u64 k, u64 lda, u64 ldb, int trans_a,          \
         int trans_b, u64 per_split) {                                                                        \
+        PDL_ENTRY();                                                                                         \
         skinny_m_part_impl<1>(a, b, partial, m, n, k, lda, ldb, trans_a, trans_b, per_split);                \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(256, 2) skinny_m_part4_##tn(                                \
         const T* a, const T* b, float* partial, u64 m, u64 n, u64 k, u64 lda, u64 ldb, int trans_a,          \
         int trans_b, u64 per_split) {                                                                        \
+        PDL_ENTRY();                                                                                         \
         skinny_m_part_impl<4>(a, b, partial, m, n, k, lda, ldb, trans_a, trans_b, per_split);                \
     }                                                                                                        \
     extern "C" __global__ void skinny_m_finish_##tn(const float* partial, T* c, u64 m, u64 n, u64 ldc,       \
                                                     u64 splits, float alpha, float beta) {                   \
+        PDL_ENTRY();                                                                                         \
         skinny_m_finish_impl(partial, c, m, n, ldc, splits, alpha, beta);                                    \
     }
 FOR_FLOAT(SKINNY_M)

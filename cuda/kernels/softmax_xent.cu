@@ -86,6 +86,7 @@ __device__ void softmax_xent_impl(const L* logits, const int* labels, u64 rows, 
 
 // loss[0] = inv_rows * sum of partial[0..parts]. One block.
 extern "C" __global__ void softmax_xent_finish(const float* partial, u64 parts, float inv_rows, float* loss) {
+    PDL_ENTRY();
     float v = 0.0f;
     for (u64 i = threadIdx.x; i < parts; i += blockDim.x) v += partial[i];
     v = block_sum(v);
@@ -96,6 +97,7 @@ extern "C" __global__ void softmax_xent_finish(const float* partial, u64 parts, 
     extern "C" __global__ void softmax_xent_##ln##_##dn(const L* logits, const int* labels, u64 rows,        \
                                                         u64 classes, D* dlogits, float g, float* partial,    \
                                                         int* bad) {                                          \
+        PDL_ENTRY();                                                                                                               \
         softmax_xent_impl<L, D, false>(logits, labels, rows, classes, dlogits, g, partial, bad, nullptr);                          \
     }
 FOR_FLOAT_PAIR(SOFTMAX_XENT)
@@ -108,6 +110,7 @@ FOR_FLOAT_PAIR(SOFTMAX_XENT)
                                                                u64 classes, D* dlogits, float grad_scale,    \
                                                                float inv_rows, const unsigned* ctl,          \
                                                                float* partial, int* bad) {                   \
+        PDL_ENTRY();                                                                                         \
         const float g = grad_scale * __uint_as_float(ctl[CTL_SCALE]) * inv_rows;                             \
         softmax_xent_impl<L, D, false>(logits, labels, rows, classes, dlogits, g, partial, bad, nullptr);                          \
     }
@@ -120,6 +123,7 @@ FOR_FLOAT_PAIR(SOFTMAX_XENT_SCALED)
                                                            u64 classes, D* dlogits, float grad_scale,        \
                                                            float inv_rows, const unsigned* ctl,              \
                                                            float* partial, int* bad, unsigned* counts) {     \
+        PDL_ENTRY();                                                                                         \
         const float g = grad_scale * __uint_as_float(ctl[CTL_SCALE]) * inv_rows;                             \
         softmax_xent_impl<L, D, true>(logits, labels, rows, classes, dlogits, g, partial, bad, counts);      \
     }
@@ -130,6 +134,7 @@ FOR_FLOAT_PAIR(SOFTMAX_XENT_TO)
 // 2^32 as the host's `as u32`). One block.
 extern "C" __global__ void softmax_xent_to_finish(const float* partial, const unsigned* counts, u64 parts,
                                                   float inv_rows, float* loss, unsigned* ctl, int flushed) {
+    PDL_ENTRY();
     __shared__ unsigned total[3];
     if (threadIdx.x < 3) total[threadIdx.x] = 0;
     __syncthreads();
@@ -173,6 +178,7 @@ __device__ void argmax_impl(const L* logits, u64 rows, u64 classes, int* out) {
 
 #define ARGMAX(n, T)                                                                                         \
     extern "C" __global__ void argmax_##n(const T* logits, u64 rows, u64 classes, int* out) {               \
+        PDL_ENTRY();                                                                                         \
         argmax_impl(logits, rows, classes, out);                                                             \
     }
 FOR_FLOAT(ARGMAX)
@@ -200,10 +206,12 @@ __device__ void count_correct_impl(const L* logits, const int* labels, u64 rows,
 #define COUNT_CORRECT(n, T)                                                                                  \
     extern "C" __global__ void count_correct_##n(const T* logits, const int* labels, u64 rows, u64 classes,  \
                                                  u64* count) {                                               \
+        PDL_ENTRY();                                                                                         \
         count_correct_impl(logits, labels, rows, classes, count);                                            \
     }                                                                                                        \
     extern "C" __global__ void count_correct_ctl_##n(const T* logits, const int* labels, u64 rows,           \
                                                      u64 classes, unsigned* count) {                         \
+        PDL_ENTRY();                                                                                         \
         count_correct_impl(logits, labels, rows, classes, count);                                            \
     }
 FOR_FLOAT(COUNT_CORRECT)

@@ -116,7 +116,7 @@ impl CudaBackend {
                 Arg::U64(cc as u64),
                 Arg::U64(per as u64),
             ];
-            launch(&be.stream, f, (bx as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
+            launch(be, f, (bx as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
             Ok(splits)
         })
     }
@@ -164,7 +164,7 @@ fn by_chunks(
                 Arg::U64(cc as u64),
                 Arg::U64(splits as u64),
             ];
-            launch(&be.stream, finish, (cc.div_ceil(32) as u32, 1, 1), (32, ROWS, 1), &args)?;
+            launch(be, finish, (cc.div_ceil(32) as u32, 1, 1), (32, ROWS, 1), &args)?;
         }
         c0 += cc;
     }
@@ -325,7 +325,7 @@ impl CudaBackend {
                 Arg::U64(cc as u64),
                 Arg::U64(per as u64),
             ];
-            launch(&be.stream, f, (bx as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
+            launch(be, f, (bx as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
             Ok(splits)
         })?;
         Ok(true)

@@ -89,7 +89,7 @@ impl CudaBackend {
             // H200 the update over gpu-mlp's 20 M parameters took 0.1612-0.1621 ms so against 0.1685-0.1692 ms
             // (`examples/adamw_layout.rs`, same bits).
             let blocks = n.div_ceil(8 * 256).min(u32::MAX as usize);
-            launch(&self.stream, f, (blocks as u32, 1, 1), (256, 1, 1), &args)
+            launch(self, f, (blocks as u32, 1, 1), (256, 1, 1), &args)
         } else {
             self.run(Family::Optim, base, wt, None, n, &args)
         }
@@ -178,7 +178,7 @@ pub(crate) fn softmax_xent(
         }
     };
     let f = be.kernels.get(Family::SoftmaxXent, name, Some(lt), Some(dt))?;
-    launch(&be.stream, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
+    launch(be, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
     let (loss_ptr, parts) = (Arg::U64(be.ptr(loss)), Arg::U64(blocks as u64));
     let (name, args) = match ctl {
         Some(c) if matches!(xent, Xent::Counted(_)) => (
@@ -196,7 +196,7 @@ pub(crate) fn softmax_xent(
         _ => ("softmax_xent_finish", vec![Arg::U64(partial), parts, Arg::F32(inv_rows), loss_ptr]),
     };
     let f = be.kernels.get(Family::SoftmaxXent, name, None, None)?;
-    launch(&be.stream, f, (1, 1, 1), (1024, 1, 1), &args)?;
+    launch(be, f, (1, 1, 1), (1024, 1, 1), &args)?;
     if !wait {
         return Ok(());
     }
@@ -305,7 +305,7 @@ pub(crate) fn step_control(be: &mut CudaBackend, ctl: Buf, grad: Buf, loss: Buf,
     if parts > 0 {
         let f = be.kernels.get(Family::Reduce, "grad_stats_ctl", Some(gt), None)?;
         let args = [Arg::U64(be.ptr(grad)), Arg::U64(grad.len as u64), Arg::U64(c), Arg::U64(sums), Arg::U64(counts)];
-        launch(&be.stream, f, (parts as u32, 1, 1), (256, 1, 1), &args)?;
+        launch(be, f, (parts as u32, 1, 1), (256, 1, 1), &args)?;
     }
     // Pass 2: the decision.
     let (clip, clip_norm) = match rule.clip_norm {
@@ -340,7 +340,7 @@ pub(crate) fn step_control(be: &mut CudaBackend, ctl: Buf, grad: Buf, loss: Buf,
         Arg::F32(beta1),
         Arg::F32(beta2),
     ];
-    launch(&be.stream, f, (1, 1, 1), (CONTROL_THREADS, 1, 1), &args)
+    launch(be, f, (1, 1, 1), (CONTROL_THREADS, 1, 1), &args)
 }
 
 /// `Backend::adamw_step_gated`: the fused AdamW kernel, gated and parameterised by the block on the device

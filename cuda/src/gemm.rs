@@ -88,7 +88,7 @@ pub(crate) fn gemm(be: &mut CudaBackend, g: &Gemm) -> Result<()> {
         u(g.stride_c),
     ];
     let grid = be.grid(g.m * g.n, 256);
-    launch(&be.stream, f, (grid, 1, 1), (256, 1, 1), &args)
+    launch(be, f, (grid, 1, 1), (256, 1, 1), &args)
 }
 
 /// The product on cuBLAS (`cublasGemmStridedBatchedEx`, f32 compute). `g` was validated, `cublas_takes` it and
@@ -227,7 +227,7 @@ fn skinny(be: &mut CudaBackend, g: &Gemm, shape: Skinny, act: Option<(Activation
             ];
             // 4 warps of 128 threads, a warp per 4 rows (grid-stride beyond 16 blocks per multiprocessor).
             let blocks = g.m.div_ceil(4 * 4).clamp(1, sms * 16) as u32;
-            launch(&be.stream, f, (blocks, 1, 1), (128, 1, 1), &args)
+            launch(be, f, (blocks, 1, 1), (128, 1, 1), &args)
         }
         Skinny::M => {
             let vec = !g.trans_b && g.n % 4 == 0 && aligned(b, g.ldb, at, 4);
@@ -255,7 +255,7 @@ fn skinny(be: &mut CudaBackend, g: &Gemm, shape: Skinny, act: Option<(Activation
                 Arg::I32(g.trans_b as i32),
                 u(per),
             ];
-            launch(&be.stream, f, (bx as u32, splits as u32, 1), (256, 1, 1), &args)?;
+            launch(be, f, (bx as u32, splits as u32, 1), (256, 1, 1), &args)?;
             let f = be.kernels.get(Family::Skinny, "skinny_m_finish", Some(ct), None)?;
             let args = [
                 Arg::U64(partial),
@@ -267,7 +267,7 @@ fn skinny(be: &mut CudaBackend, g: &Gemm, shape: Skinny, act: Option<(Activation
                 Arg::F32(g.alpha),
                 Arg::F32(g.beta),
             ];
-            launch(&be.stream, f, (be.grid(g.m * g.n, 256), 1, 1), (256, 1, 1), &args)
+            launch(be, f, (be.grid(g.m * g.n, 256), 1, 1), (256, 1, 1), &args)
         }
         Skinny::K => {
             let (code, pre) = match act {
@@ -303,7 +303,7 @@ fn skinny(be: &mut CudaBackend, g: &Gemm, shape: Skinny, act: Option<(Activation
             // groups of 4 rows.
             let bx = g.n.div_ceil(v).div_ceil(128);
             let by = (sms * 16).div_ceil(bx).clamp(1, g.m.div_ceil(4).min(65535));
-            launch(&be.stream, f, (bx as u32, by as u32, 1), (128, 1, 1), &args)
+            launch(be, f, (bx as u32, by as u32, 1), (128, 1, 1), &args)
         }
     }
 }

@@ -111,7 +111,7 @@ fn fused_forward(be: &mut CudaBackend, op: &LinearActForward) -> Result<bool> {
         Arg::U64(rows as u64),
         Arg::U64(i as u64),
     ];
-    launch(&be.stream, f, (blocks as u32, 1, 1), (32, ROWS, 1), &args)?;
+    launch(be, f, (blocks as u32, 1, 1), (32, ROWS, 1), &args)?;
     be.head_calls += 1;
     Ok(true)
 }
@@ -207,7 +207,7 @@ fn fused(be: &mut CudaBackend, op: &LinearActBackward) -> Result<bool> {
             Arg::U64(cc as u64),
             Arg::U64(per as u64),
         ];
-        launch(&be.stream, f, (cc.div_ceil(tile) as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
+        launch(be, f, (cc.div_ceil(tile) as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
         let stride = ((o + 1) * cc) as u64;
         // dW's rows (partial rows 0..o, out leading dimension i), then the previous bias (partial row o).
         for (fin, first, n_rows, ld) in [(finish_w, 0, o, i), (finish_b, o, 1, 0)] {
@@ -246,7 +246,7 @@ fn finish(
         Arg::U64(cc as u64),
         Arg::U64(splits as u64),
     ];
-    launch(&be.stream, fin, (cc.div_ceil(32) as u32, rows as u32, 1), (32, ROWS, 1), &args)
+    launch(be, fin, (cc.div_ceil(32) as u32, rows as u32, 1), (32, ROWS, 1), &args)
 }
 
 impl CudaBackend {

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{result as cur, sys as cu, CudaContext, CudaModule, CudaStream};
+use cudarc::driver::{result as cur, sys as cu, CudaContext, CudaModule};
+
+use crate::CudaBackend;
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use mantissa_core::{DType, Error, Result};
 
@@ -203,10 +205,16 @@ impl Arg {
     }
 }
 
-/// Queues `f` on `stream`. `args` must match the kernel's parameter list in order and size (u64 for pointers
-/// and `u64`/`i64` counts, 4 bytes for `int` and `float`).
+/// Queues `f` on the backend's stream. `args` must match the kernel's parameter list in order and size (u64 for
+/// pointers and `u64`/`i64` counts, 4 bytes for `int` and `float`).
+///
+/// With [`CudaBackend::set_pdl`] on (the default on sm_90 and later) the launch allows programmatic dependent
+/// launch: the kernel's blocks may be scheduled before the previous kernel in the stream has finished, and wait
+/// in the `PDL_ENTRY()` every kernel starts with (common.cuh) until it has; a CUDA graph captures that as a
+/// programmatic edge. Kernels that do not start with it would race: `every_kernel_starts_with_pdl_entry` below
+/// checks the sources.
 pub(crate) fn launch(
-    stream: &CudaStream,
+    be: &CudaBackend,
     f: cu::CUfunction,
     grid: (u32, u32, u32),
     block: (u32, u32, u32),
@@ -222,9 +230,102 @@ pub(crate) fn launch(
     for (i, p) in ptrs.iter_mut().enumerate().take(args.len()) {
         *p = &mut slots[i] as *mut u64 as *mut c_void;
     }
-    // SAFETY: `f` is a function of a module this backend keeps loaded; each parameter pointer addresses an
-    // 8-byte slot holding the value in its low bytes, and the driver copies the parameters before returning.
-    // The device addresses in `args` were validated against the arena (or point into the backend's scratch).
-    unsafe { cur::launch_kernel(f, grid, block, 0, stream.cu_stream(), &mut ptrs[..args.len()]) }
+    let stream = be.stream.cu_stream();
+    if !be.pdl {
+        // SAFETY: `f` is a function of a module this backend keeps loaded; each parameter pointer addresses an
+        // 8-byte slot holding the value in its low bytes, and the driver copies the parameters before returning.
+        // The device addresses in `args` were validated against the arena (or point into the backend's scratch).
+        return unsafe { cur::launch_kernel(f, grid, block, 0, stream, &mut ptrs[..args.len()]) }
+            .map_err(crate::driver("kernel launch"));
+    }
+    // SAFETY: an all-zero launch attribute is a valid (plain) value of the C union; the id and the one field set
+    // below make it the programmatic-serialization attribute.
+    let mut attr: cu::CUlaunchAttribute = unsafe { core::mem::zeroed() };
+    attr.id = cu::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = cu::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block.0,
+        blockDimY: block.1,
+        blockDimZ: block.2,
+        sharedMemBytes: 0,
+        hStream: stream,
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: as above for `f` and the parameters; `config` and the attribute it points to live until the call
+    // returns (the driver copies them), and `extra` is null.
+    unsafe { cu::cuLaunchKernelEx(&config, f, ptrs.as_mut_ptr(), core::ptr::null_mut()) }
+        .result()
         .map_err(crate::driver("kernel launch"))
+}
+
+impl CudaBackend {
+    /// Whether kernels launch with programmatic dependent launch (see [`launch`]); on by default on sm_90 and
+    /// later, where it lets a kernel's blocks be scheduled while the previous kernel finishes. Off, every launch
+    /// waits for the previous kernel to finish first. Results are the same bits either way. It applies to
+    /// launches from then on: set it before the first step (a recorded step graph keeps the launches it has).
+    /// Before sm_90 it stays off.
+    pub fn set_pdl(&mut self, on: bool) {
+        self.pdl = on && self.compute_capability.0 >= 9;
+    }
+
+    /// Whether kernels launch with programmatic dependent launch ([`CudaBackend::set_pdl`]).
+    pub fn pdl(&self) -> bool {
+        self.pdl
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FAMILIES;
+
+    /// The index just past the parenthesised group that opens at `s[open]`.
+    fn past_group(s: &str, open: usize) -> usize {
+        let mut depth = 0;
+        for (i, c) in s[open..].char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return open + i + 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        panic!("unbalanced parentheses");
+    }
+
+    /// Every kernel launched with programmatic dependent launch must wait for the previous kernel before it
+    /// reads anything: each `__global__` function's body starts with `PDL_ENTRY();` (common.cuh).
+    #[test]
+    fn every_kernel_starts_with_pdl_entry() {
+        let mut kernels = 0;
+        for (name, src) in FAMILIES {
+            let mut at = 0;
+            while let Some(k) = src[at..].find("__global__").map(|k| k + at) {
+                let mut open = k + src[k..].find('(').unwrap();
+                if src[k..open].contains("__launch_bounds__") {
+                    let after = past_group(src, open);
+                    open = after + src[after..].find('(').unwrap();
+                }
+                let params_end = past_group(src, open);
+                let brace = params_end + src[params_end..].find('{').unwrap();
+                let signature = &src[k..brace];
+                assert!(
+                    src[params_end..brace].trim().is_empty(),
+                    "{name}: unexpected text before the body of {signature}"
+                );
+                let body = src[brace + 1..].trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+                assert!(body.starts_with("PDL_ENTRY();"), "{name}: {signature} does not start with PDL_ENTRY();");
+                kernels += 1;
+                at = brace;
+            }
+        }
+        assert!(kernels >= 50, "found only {kernels} kernels: the scan is broken");
+    }
 }

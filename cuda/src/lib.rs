@@ -131,6 +131,8 @@ pub struct CudaBackend {
     head_calls: u64,
     /// Whether `softmax_cross_entropy_to` runs as one pass (see `control.rs`).
     fused_loss: bool,
+    /// Whether kernels launch with programmatic dependent launch (see `kernels::launch`): sm_90 and later.
+    pdl: bool,
     /// Resident blocks of a kernel on the whole device, by `CUfunction` address (`act_grad::resident_blocks`).
     resident: std::collections::HashMap<usize, usize>,
     /// Taken when the backend is dropped and released after every other field: no graph capture (on another
@@ -266,6 +268,7 @@ impl CudaBackend {
             fused_head: true,
             head_calls: 0,
             fused_loss: true,
+            pdl: major >= 9,
             resident: std::collections::HashMap::new(),
             closing: None,
         })
@@ -316,7 +319,7 @@ impl CudaBackend {
         args: &[Arg],
     ) -> Result<()> {
         let f = self.kernels.get(fam, base, Some(a), b)?;
-        launch(&self.stream, f, (self.grid(n, 256), 1, 1), (256, 1, 1), args)
+        launch(self, f, (self.grid(n, 256), 1, 1), (256, 1, 1), args)
     }
 
     /// Launches the vectorised `{base8}` kernel (groups of 8 elements, 16-byte loads and stores) when every
@@ -335,7 +338,7 @@ impl CudaBackend {
     ) -> Result<()> {
         if n >= 8 && ptrs.iter().all(|p| p % 16 == 0) {
             let f = self.kernels.get(fam, base8, Some(a), b)?;
-            launch(&self.stream, f, (self.grid(n.div_ceil(8), 256), 1, 1), (256, 1, 1), args)
+            launch(self, f, (self.grid(n.div_ceil(8), 256), 1, 1), (256, 1, 1), args)
         } else {
             self.run(fam, base, a, b, n, args)
         }
@@ -642,11 +645,11 @@ impl Backend for CudaBackend {
                 Arg::U64(channels as u64),
                 Arg::U64(per as u64),
             ];
-            launch(&self.stream, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
+            launch(self, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
             let f = self.kernels.get(Family::Reduce, "bias_grad_finish_warp", Some(bt), None)?;
             let args =
                 [Arg::U64(partial), Arg::U64(self.ptr(dbias)), Arg::U64(channels as u64), Arg::U64(blocks as u64)];
-            return launch(&self.stream, f, (channels.div_ceil(8) as u32, 1, 1), (256, 1, 1), &args);
+            return launch(self, f, (channels.div_ceil(8) as u32, 1, 1), (256, 1, 1), &args);
         }
         let target_blocks = self.sm_count as usize * 4;
         let mut c0 = 0;
@@ -668,7 +671,7 @@ impl Backend for CudaBackend {
                     Arg::U64(cc as u64),
                     Arg::U64(per as u64),
                 ];
-                launch(&self.stream, f, (bx as u32, splits as u32, 1), (32, 8, 1), &args)?;
+                launch(self, f, (bx as u32, splits as u32, 1), (32, 8, 1), &args)?;
                 splits
             } else {
                 let want = target_blocks.div_ceil(cc).min(outer).clamp(1, max_splits);
@@ -685,7 +688,7 @@ impl Backend for CudaBackend {
                     Arg::U64(cc as u64),
                     Arg::U64(per as u64),
                 ];
-                launch(&self.stream, f, (cc as u32, splits as u32, 1), (256, 1, 1), &args)?;
+                launch(self, f, (cc as u32, splits as u32, 1), (256, 1, 1), &args)?;
                 splits
             };
             let args = [
@@ -949,7 +952,7 @@ impl Backend for CudaBackend {
         let f = self.kernels.get(Family::Reduce, "grad_stats", Some(gt), None)?;
         let args =
             [Arg::U64(self.ptr(grad)), Arg::U64(grad.len as u64), Arg::F32(scale), Arg::U64(sums), Arg::U64(counts)];
-        launch(&self.stream, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
+        launch(self, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
         let mut raw = vec![0u64; 2 * blocks];
         self.dtoh(&mut raw, sums)?;
         let (s, c) = raw.split_at(blocks);

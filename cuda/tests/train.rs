@@ -5,7 +5,7 @@ mod common;
 
 use common::CAP;
 use mantissa_core::rng::Rng;
-use mantissa_core::{AdamW, Model, Policy, Reference, Shape, TrainConfig, Trainer};
+use mantissa_core::{AdamW, Backend, Model, Policy, Reference, Shape, TrainConfig, Trainer};
 use mantissa_cuda::CudaBackend;
 
 fn data(input: usize, rows: usize, step: usize) -> (Vec<f32>, Vec<u32>) {
@@ -91,5 +91,45 @@ fn cnn_trains_like_the_reference() {
         let worst = run(&model, policy, 17);
         println!("cnn {}: max relative loss difference {worst:.2e}", policy.name());
         assert!(worst <= tolerance(policy), "cnn {}: {worst}", policy.name());
+    }
+}
+
+/// Programmatic dependent launch changes when a kernel's blocks start, never what they compute: the same steps,
+/// queued and replayed as a CUDA graph, with it on and off leave the same bits in every weight and moment and
+/// give the same report.
+#[test]
+#[ignore = "needs an NVIDIA GPU (run scripts/gpu-check.sh)"]
+fn pdl_on_and_off_train_the_same_bits() {
+    let model = Model::sequential(Shape::flat(64)).linear(48).gelu().linear(32).gelu().linear(10).build().unwrap();
+    let rows = 96;
+    for policy in [Policy::FLOAT32, Policy::MIXED_BFLOAT16, Policy::MIXED_FLOAT16] {
+        let config = TrainConfig::new(rows, policy).seed(3);
+        let opt = AdamW::new(3e-3).weight_decay(0.01);
+        let mut t = [true, false].map(|pdl| {
+            let mut be = CudaBackend::new(0, CAP).expect("GPU 0");
+            be.set_pdl(pdl);
+            Trainer::new(be, model.clone(), policy, opt, config).unwrap()
+        });
+        let hopper = t[0].backend().compute_capability().0 >= 9;
+        assert_eq!(t[0].backend().pdl(), hopper, "PDL is on by default from sm_90");
+        assert!(!t[1].backend().pdl());
+        for step in 0..6 {
+            let (x, labels) = data(64, rows, step);
+            for tr in t.iter_mut() {
+                tr.stage(&x, &labels).unwrap();
+                tr.queue_staged(rows).unwrap();
+            }
+        }
+        let [on, off] = &mut t;
+        let (a, b) = (on.report().unwrap(), off.report().unwrap());
+        println!("{}: PDL {} / off: {a:?}", policy.name(), if hopper { "on" } else { "unavailable" });
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "{}: reports differ", policy.name());
+        let p = *on.params();
+        for (name, buf) in [("master", p.master), ("working", p.working), ("m", p.state1), ("v", p.state2)] {
+            let (mut x, mut y) = (vec![0u8; buf.bytes()], vec![0u8; buf.bytes()]);
+            on.backend_mut().download_bytes(buf, &mut x).unwrap();
+            off.backend_mut().download_bytes(buf, &mut y).unwrap();
+            assert!(x == y, "{}: {name} differs with PDL on and off", policy.name());
+        }
     }
 }
