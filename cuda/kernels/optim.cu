@@ -129,25 +129,19 @@ template <typename W>
 __device__ void adamw8_impl(float* master, W* working, const float* grad, float* m, float* v, u64 n, float step_size,
                             float bc2_sqrt, float decay, float beta1, float beta2, float eps, float grad_scale,
                             int write_working) {
-    // AdamW counts the quads from the end (pass p of thread t: quads - 1 - (2pT + t) and quads - 1 - (2pT + T + t)):
-    // in a training step the statistics pass of Backend::step_control has just read the gradients in ascending
-    // order, so their end is what L2 still holds, and the first blocks to run find it there. Each warp-wide
-    // access still covers 512 contiguous bytes.
     const u64 quads = n / 4, T = gstride();
-    u64 j = gtid();
-    for (; j + T < quads; j += 2 * T) {
-        const u64 q = quads - 1 - j, q1 = q - T;
-        const Quad<float> g0 = ld4cs(grad, q), g1 = ld4cs(grad, q1);
-        Quad<float> m0 = ld4cs(m, q), m1 = ld4cs(m, q1);
-        Quad<float> v0 = ld4cs(v, q), v1 = ld4cs(v, q1);
-        Quad<float> w0 = ld4cs(master, q), w1 = ld4cs(master, q1);
+    u64 q = gtid();
+    for (; q + T < quads; q += 2 * T) {
+        const Quad<float> g0 = ld4cs(grad, q), g1 = ld4cs(grad, q + T);
+        Quad<float> m0 = ld4cs(m, q), m1 = ld4cs(m, q + T);
+        Quad<float> v0 = ld4cs(v, q), v1 = ld4cs(v, q + T);
+        Quad<float> w0 = ld4cs(master, q), w1 = ld4cs(master, q + T);
         adamw_quad(master, working, m, v, q, g0, m0, v0, w0, step_size, bc2_sqrt, decay, beta1, beta2, eps,
                    grad_scale, write_working);
-        adamw_quad(master, working, m, v, q1, g1, m1, v1, w1, step_size, bc2_sqrt, decay, beta1, beta2, eps,
+        adamw_quad(master, working, m, v, q + T, g1, m1, v1, w1, step_size, bc2_sqrt, decay, beta1, beta2, eps,
                    grad_scale, write_working);
     }
-    if (j < quads) {  // the last pass's second quad is past the end: one quad
-        const u64 q = quads - 1 - j;
+    if (q < quads) {  // the last pass's second quad is past the end: one quad
         const Quad<float> g0 = ld4cs(grad, q);
         Quad<float> m0 = ld4cs(m, q), v0 = ld4cs(v, q), w0 = ld4cs(master, q);
         adamw_quad(master, working, m, v, q, g0, m0, v0, w0, step_size, bc2_sqrt, decay, beta1, beta2, eps,
