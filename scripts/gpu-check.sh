@@ -11,6 +11,7 @@
 #                                     # summary.txt. SKIP_BENCH=1 leaves out the criterion bench (~150 s).
 #   bash scripts/gpu-check.sh ncu head_bwd_mma '^adamw8'   # on the GPU machine: Nsight Compute on those kernels
 #   bash scripts/gpu-check.sh timeline [POLICY]  # on the GPU machine: every kernel of one step, in order, timed
+#   bash scripts/gpu-check.sh ab FLAG POLICY...  # on the GPU machine: gpu_report with and without FLAG, alternating
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -236,10 +237,33 @@ timeline() {
     python3 scripts/kernel_timeline.py "$out/timeline-$policy.csv"
 }
 
+# One switch against the default, step time only: gpu_report --mode graph --warmup 30 with and without FLAG,
+# REPEAT (default 4) pairs per policy in alternating order, then PyTorch once; every line goes to stdout.
+#   bash scripts/gpu-check.sh ab --no-pdl mixed_bfloat16 mixed_float16
+ab() {
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+    local flag="$1" p i o
+    shift
+    for p in "$@"; do
+        for i in $(seq 1 "${REPEAT:-4}"); do
+            for o in $([ $((i % 2)) = 1 ] && echo "default flag" || echo "flag default"); do
+                # shellcheck disable=SC2046
+                timeout 100 .gpu/gpu_report --mode graph --warmup 30 --policy "$p" $([ "$o" = flag ] && echo "$flag") 2>&1 |
+                    grep -E "^train:|^error"
+            done
+        done
+    done
+    timeout 300 python3 benches/peers/pytorch_gpu.py 2>&1 | grep -E "^train:|^error"
+}
+
 case "${1:-}" in
 build) build ;;
 run) run ;;
 perf) perf ;;
+ab)
+    shift
+    ab "$@"
+    ;;
 timeline)
     shift
     timeline "$@"
