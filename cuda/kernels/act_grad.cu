@@ -169,7 +169,7 @@ __device__ void act_grad_bias_impl(int act, const T* pre, T* dy, float* partial,
     extern "C" __global__ void __launch_bounds__(32 * AG_BY)                                                 \
         act_grad_finish_##tn(const float* partial, T* dbias, u64 cc, u64 splits) {                           \
         PDL_ENTRY();                                                                                         \
-        split_sum_impl<AG_BY>(partial, cc, dbias, 0, cc, splits);                                             \
+        split_sum_impl<AG_BY>(partial, cc, dbias, 0, cc, splits, 0);                                          \
     }
 FOR_FLOAT(ACT_GRAD)
 

@@ -119,14 +119,14 @@ __device__ __forceinline__ float block_sum(float v) {
 }
 
 // The finishing pass of the kernels that write per-split partial sums (act_grad.cu, head.cu):
-// out[p * ld + c] = sum over splits s of partial[s * stride + p * cc + c], for c < cc and p = blockIdx.y (out
+// out[p * ld + c] = sum over splits s of partial[s * stride + p * cc + c], for c < cc and the block's row p (out
 // already offset to the chunk's first column). Block (32, BY) over 32 columns: thread row y adds splits y, y + BY,
 // ... in order, then row 0 adds the BY sums in order (no atomics: the result depends only on the launch shape).
+// Every thread of the block calls it with the same p (it has barriers).
 template <int BY, typename B>
-__device__ void split_sum_impl(const float* partial, u64 stride, B* out, u64 ld, u64 cc, u64 splits) {
+__device__ void split_sum_impl(const float* partial, u64 stride, B* out, u64 ld, u64 cc, u64 splits, u64 p) {
     __shared__ float sh[BY][33];
     const u64 c = (u64)blockIdx.x * 32 + threadIdx.x;
-    const u64 p = blockIdx.y;
     float acc = 0.0f;
     if (c < cc) {
 #pragma unroll 4

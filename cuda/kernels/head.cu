@@ -264,6 +264,11 @@ __device__ void head_bwd_impl(int act, const T* __restrict__ dy, u64 o, const T*
 }
 
 // head_finish: common.cuh's split_sum_impl over the rows p < rows of the partial sums (a grid of height rows).
+// head_finish3: the three finishing sums of a backward at once, for the usual case (every gradient wanted, one
+// dtype): grid (column tiles, o + 1, or o + 2 with db): rows p < o sum dW's partial rows into dw + p ld, row o the
+// previous layer's bias into pb (both from `partial`, as two head_finish launches would), and row o + 1 the
+// layer's own bias from dbp ([splits, o], in column tile 0: o <= 16) into db. The same sums in the same order as
+// the three launches, so the same bits.
 
 // ---- head_fwd: the forward pass, y = act(pre) W^T + b, without storing act(pre) ----
 //
@@ -398,7 +403,20 @@ __device__ void head_fwd_impl(int act, const T* __restrict__ pre, const T* __res
     extern "C" __global__ void __launch_bounds__(32 * HB_BY)                                                 \
         head_finish_##tn(const float* partial, u64 stride, T* out, u64 ld, u64 cc, u64 splits) {             \
         PDL_ENTRY();                                                                                         \
-        split_sum_impl<HB_BY>(partial, stride, out, ld, cc, splits);                                         \
+        split_sum_impl<HB_BY>(partial, stride, out, ld, cc, splits, blockIdx.y);                             \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * HB_BY)                                                 \
+        head_finish3_##tn(const float* partial, u64 stride, T* dw, u64 ld, T* pb, u64 cc, u64 splits, u64 o, \
+                          const float* dbp, T* db) {                                                         \
+        PDL_ENTRY();                                                                                         \
+        const u64 p = blockIdx.y;                                                                            \
+        if (p < o) {                                                                                         \
+            split_sum_impl<HB_BY>(partial, stride, dw, ld, cc, splits, p);                                   \
+        } else if (p == o) {                                                                                 \
+            split_sum_impl<HB_BY>(partial, stride, pb, 0, cc, splits, p);                                    \
+        } else {                                                                                             \
+            split_sum_impl<HB_BY>(dbp, o, db, 0, o, splits, 0);                                              \
+        }                                                                                                    \
     }
 FOR_FLOAT(HEAD)
 // The forward pass on CUDA cores for f32 (16-bit types take head_fwd_mma, below).
