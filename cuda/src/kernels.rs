@@ -6,10 +6,10 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as cur, sys as cu, CudaContext, CudaModule};
-
-use crate::CudaBackend;
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use mantissa_core::{DType, Error, Result};
+
+use crate::CudaBackend;
 
 /// Prepended to every family's source: storage types, loads and stores, reductions, instantiation lists.
 const COMMON: &str = include_str!("../kernels/common.cuh");
@@ -263,7 +263,7 @@ pub(crate) fn launch(
 }
 
 impl CudaBackend {
-    /// Whether kernels launch with programmatic dependent launch (see [`launch`]); on by default on sm_90 and
+    /// Whether kernels launch with programmatic dependent launch (see `kernels::launch`); on by default on sm_90 and
     /// later, where it lets a kernel's blocks be scheduled while the previous kernel finishes. Off, every launch
     /// waits for the previous kernel to finish first. Results are the same bits either way. It applies to
     /// launches from then on: set it before the first step (a recorded step graph keeps the launches it has).
