@@ -6,6 +6,9 @@ every 100 ms) and the segment markers (`mark <unix seconds> <label>`, written be
 and prints one line per segment:
 
   clocks: segment="<label>" samples=N sm_mhz_median=... sm_mhz_min=... power_w_mean=... temp_c_max=... throttle=<reasons>
+          busy_samples=... busy_sm_mhz_median=... busy_power_w_median=...
+
+(busy: the samples at no less than half the segment's peak power, which leaves out start-up and idle gaps)
 
 so that a slower pass can be told apart from a GPU that ran slower (power or thermal capping) at the time.
 Usage: clock_segments.py SAMPLES MARKS
@@ -50,11 +53,16 @@ def main():
         for s in seg:
             mask |= s[5]
         why = "+".join(n for b, n in REASONS.items() if mask & b) or "none"
+        # The busy samples: at least half the segment's peak power (leaves out start-up, compiling and idle gaps).
+        peak = max(s[3] for s in seg)
+        busy = [s for s in seg if s[3] >= 0.5 * peak]
         print(
             f'clocks: segment="{label}" samples={len(seg)} '
             f"sm_mhz_median={statistics.median(s[1] for s in seg):.0f} sm_mhz_min={min(s[1] for s in seg):.0f} "
-            f"power_w_mean={statistics.mean(s[3] for s in seg):.0f} power_w_max={max(s[3] for s in seg):.0f} "
-            f"temp_c_max={max(s[4] for s in seg):.0f} throttle={why}"
+            f"power_w_mean={statistics.mean(s[3] for s in seg):.0f} power_w_max={peak:.0f} "
+            f"temp_c_max={max(s[4] for s in seg):.0f} throttle={why} busy_samples={len(busy)} "
+            f"busy_sm_mhz_median={statistics.median(s[1] for s in busy):.0f} "
+            f"busy_power_w_median={statistics.median(s[3] for s in busy):.0f}"
         )
 
 

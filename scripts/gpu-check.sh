@@ -12,6 +12,7 @@
 #   bash scripts/gpu-check.sh ncu head_bwd_mma '^adamw8'   # on the GPU machine: Nsight Compute on those kernels
 #   bash scripts/gpu-check.sh timeline [POLICY]  # on the GPU machine: every kernel of one step, in order, timed
 #   bash scripts/gpu-check.sh ab FLAG POLICY...  # on the GPU machine: gpu_report with and without FLAG, alternating
+#   bash scripts/gpu-check.sh sustained [POLICY [STEPS]]  # on the GPU machine: ~10 s of steps each, clocks sampled
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -151,16 +152,12 @@ run() {
     } | tee "$out/summary.txt"
 }
 
-# Performance only (no tests): per-op profiles of a step and the fused-backward choice, each measured twice.
-perf() {
-    local out="${OUT:-gpu-out}"
-    mkdir -p "$out"
-    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}
-    : >"$out/perf.log"
+# SM clock, power, temperature and clock-event reasons every 100 ms into $1/smi.csv, to tell a slower pass from a
+# GPU that ran slower at the time; `mark LABEL` starts a segment (in $1/marks.txt), and stop_sampler prints one
+# `clocks:` line per segment (scripts/clock_segments.py).
+start_sampler() {
+    local out="$1" reasons=clocks_event_reasons.active
     : >"$out/marks.txt"
-    # SM clock, power, temperature and clock-event reasons every 100 ms, to tell a slower pass from a GPU that
-    # ran slower at the time (scripts/clock_segments.py sums them up per program below).
-    local reasons=clocks_event_reasons.active
     nvidia-smi --query-gpu=$reasons --format=csv >/dev/null 2>&1 || reasons=clocks_throttle_reasons.active
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,$reasons \
         --format=csv,noheader,nounits -lms 100 2>/dev/null |
@@ -174,8 +171,25 @@ for line in sys.stdin:
         continue
     print(f"{t:.3f},{f[1].strip()}", flush=True)
 ' >"$out/smi.csv" &
-    local sampler=$!
-    mark() { echo "mark $(date +%s.%N) $*" >>"$out/marks.txt"; }
+    SAMPLER=$!
+    MARKS="$out/marks.txt"
+}
+mark() { echo "mark $(date +%s.%N) $*" >>"$MARKS"; }
+stop_sampler() {
+    mark "end"
+    sleep 0.3
+    kill "$SAMPLER" 2>/dev/null
+    pkill -f "nvidia-smi --query-gpu=timestamp" 2>/dev/null
+    python3 scripts/clock_segments.py "$1/smi.csv" "$1/marks.txt"
+}
+
+# Performance only (no tests): per-op profiles of a step and the fused-backward choice, each measured twice.
+perf() {
+    local out="${OUT:-gpu-out}"
+    mkdir -p "$out"
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}
+    : >"$out/perf.log"
+    start_sampler "$out"
     # The default against one switch flipped (PERF_ALT, default --no-fused-head; --no-autotune was the one
     # compared before), in both orders (clocks and L2 after the first runs could favour either).
     local alt="${PERF_ALT:---no-fused-head}"
@@ -195,11 +209,7 @@ for line in sys.stdin:
     echo "=== gpu_report --profile" >>"$out/perf.log"
     mark "gpu_report --profile"
     timeout 120 .gpu/gpu_report --profile --steps 20 >>"$out/perf.log" 2>&1
-    mark "end"
-    sleep 0.3
-    kill "$sampler" 2>/dev/null
-    pkill -f "nvidia-smi --query-gpu=timestamp" 2>/dev/null
-    python3 scripts/clock_segments.py "$out/smi.csv" "$out/marks.txt" >>"$out/perf.log" 2>&1
+    stop_sampler "$out" >>"$out/perf.log" 2>&1
     grep -E "^=== |^train:|^lt_tune:|^profile:|^clocks:|^error|step_ms|peak" "$out/perf.log" | tee "$out/perf-summary.txt"
 }
 
@@ -256,6 +266,26 @@ ab() {
     timeout 300 python3 benches/peers/pytorch_gpu.py 2>&1 | grep -E "^train:|^error"
 }
 
+# Sustained load, mantissa against PyTorch, one policy (default mixed_bfloat16): STEPS (default 6000) graph steps
+# of gpu_report, then as many of PyTorch's, then both again in the other order, with the clock sampler on: the
+# step times over ~10 s of load each and the clocks and power each ran at.
+sustained() {
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+    local out="${OUT:-gpu-out}" policy="${1:-mixed_bfloat16}" steps="${2:-6000}" who
+    mkdir -p "$out"
+    start_sampler "$out"
+    for who in mantissa pytorch pytorch mantissa; do
+        mark "$who $policy x$steps"
+        if [ "$who" = mantissa ]; then
+            timeout 120 .gpu/gpu_report --mode graph --warmup 30 --steps "$steps" --policy "$policy" 2>&1 | grep -E "^train:|^error"
+        else
+            timeout 120 python3 benches/peers/pytorch_gpu.py --policy "$policy" --warmup 30 --steps "$steps" 2>&1 |
+                grep -E "^train:|^error"
+        fi
+    done
+    stop_sampler "$out"
+}
+
 case "${1:-}" in
 build) build ;;
 run) run ;;
@@ -267,6 +297,10 @@ ab)
 timeline)
     shift
     timeline "$@"
+    ;;
+sustained)
+    shift
+    sustained "$@"
     ;;
 ncu)
     shift

@@ -81,9 +81,10 @@ def main():
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--policy", choices=["float32", "mixed_bfloat16", "mixed_float16"], help="only this one")
     args = p.parse_args()
     print(f"# torch {torch.__version__} on {torch.cuda.get_device_name()}", flush=True)
-    for policy in ["float32", "mixed_bfloat16", "mixed_float16"]:
+    for policy in [args.policy] if args.policy else ["float32", "mixed_bfloat16", "mixed_float16"]:
         run(policy, args.batch, args.hidden, args.warmup, args.steps)
 
 
