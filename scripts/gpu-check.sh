@@ -16,6 +16,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+# The libraries on the GPU machine (../shared/GPU.md): cuBLAS in CUDA's lib64, NVRTC and NCCL from PyTorch's wheels.
+gpu_env() {
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}
+}
+
 build() {
     set -e
     cargo build --release --features cuda --examples
@@ -68,7 +73,7 @@ for line in sys.stdin:
 run() {
     local out="${OUT:-gpu-out}"
     mkdir -p "$out"
-    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}
+    gpu_env
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
 
     : >"$out/tests.log"
@@ -187,7 +192,7 @@ stop_sampler() {
 perf() {
     local out="${OUT:-gpu-out}"
     mkdir -p "$out"
-    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}
+    gpu_env
     : >"$out/perf.log"
     start_sampler "$out"
     # The default against one switch flipped (PERF_ALT, default --no-fused-head; --no-autotune was the one
@@ -218,7 +223,7 @@ perf() {
 # (average warps stalled per issued instruction, by reason). ncu locks the clocks lower than a normal run
 # (1.3-1.5 GHz), so its durations are longer than the step's.
 ncu_kernels() {
-    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+    gpu_env
     local st="" r k
     for r in long_scoreboard short_scoreboard mio_throttle lg_throttle wait math_pipe_throttle not_selected selected \
         dispatch_stall no_instruction drain membar barrier tex_throttle branch_resolving imc_miss; do
@@ -238,7 +243,7 @@ ncu_kernels() {
 # with the caches as they are (no locking, no flushing): names and durations in launch order, and their sum
 # (scripts/kernel_timeline.py). GEMM autotune is off, so cuBLAS's default algorithms run.
 timeline() {
-    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+    gpu_env
     local out="${OUT:-gpu-out}" policy="${1:-mixed_bfloat16}"
     mkdir -p "$out"
     MANTISSA_CUDA_AUTOTUNE=0 timeout 300 ncu --clock-control none --cache-control none \
@@ -251,7 +256,7 @@ timeline() {
 # REPEAT (default 4) pairs per policy in alternating order, then PyTorch once; every line goes to stdout.
 #   bash scripts/gpu-check.sh ab --no-pdl mixed_bfloat16 mixed_float16
 ab() {
-    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+    gpu_env
     local flag="$1" p i o
     shift
     for p in "$@"; do
@@ -270,7 +275,7 @@ ab() {
 # of gpu_report, then as many of PyTorch's, then both again in the other order, with the clock sampler on: the
 # step times over ~10 s of load each and the clocks and power each ran at.
 sustained() {
-    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+    gpu_env
     local out="${OUT:-gpu-out}" policy="${1:-mixed_bfloat16}" steps="${2:-6000}" who
     mkdir -p "$out"
     start_sampler "$out"

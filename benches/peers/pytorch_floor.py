@@ -25,27 +25,12 @@ floor_ms = gemm + adamw + extra is a lower bound for the step only for GEMMs no 
 leaves out the loss, the step's control and every launch. target_ms = 0.8 x step.
 """
 import argparse
-import statistics
 
 import torch
 
-from pytorch_gpu import run as pytorch_step
+from pytorch_gpu import run as pytorch_step, time_ms
 
 B, IN, H, OUT = 8192, 784, 4096, 10
-
-
-def time_ms(fn, reps, inner):
-    """Median over `reps` of the mean time of `inner` calls of fn, by CUDA events."""
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(inner):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        out.append(s.elapsed_time(e) / inner)
-    return statistics.median(out)
 
 
 def gemms(dtype):

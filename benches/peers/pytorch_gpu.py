@@ -10,6 +10,7 @@ memory from torch.cuda.max_memory_allocated. Prints:
   train: peer=pytorch workload=gpu-mlp policy=mixed_bfloat16 step_ms=... samples_per_s=... peak_device_bytes=...
 """
 import argparse
+import statistics
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,20 @@ class Mlp(nn.Module):
         x = F.gelu(self.l1(x), approximate="tanh")
         x = F.gelu(self.l2(x), approximate="tanh")
         return self.l3(x)
+
+
+def time_ms(fn, reps, inner):
+    """Median over `reps` of the mean time of `inner` calls of fn, by CUDA events."""
+    out = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(inner):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        out.append(s.elapsed_time(e) / inner)
+    return statistics.median(out)
 
 
 def run(policy, batch, hidden, warmup, steps):
@@ -60,13 +75,7 @@ def run(policy, batch, hidden, warmup, steps):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / steps
+    ms = time_ms(step, 1, steps)
     peak = torch.cuda.max_memory_allocated()
     print(f"train: peer=pytorch workload=gpu-mlp policy={policy} step_ms={ms:.3f} samples_per_s={batch / ms * 1e3:.0f} "
           f"peak_device_bytes={peak}", flush=True)

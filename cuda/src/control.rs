@@ -38,7 +38,7 @@ const CONTROL_THREADS: u32 = 256;
 /// `sm_count * 4` blocks runs as one wave: the threads of its grid-stride loop all start at once and do the
 /// same number of passes (or one fewer), with no late second wave. (The `*8` optimizer updates, compiled with
 /// the same bounds, now launch one pass a thread instead: see `CudaBackend::optim`.)
-const STREAM_BLOCKS_PER_SM: usize = 4;
+const STATS_BLOCKS_PER_SM: usize = 4;
 /// Bytes one grad_stats thread reads per pass (STATS_VECS 16-byte loads in kernels/reduce.cu).
 const STATS_BYTES_PER_THREAD: usize = 64;
 
@@ -53,12 +53,12 @@ impl CudaBackend {
 
     /// Blocks of grad_stats and of step_control's first pass (256 threads each): the same grid for both, so
     /// the two see the same per-block partials. One pass per thread for short gradients, at most one wave (see
-    /// STREAM_BLOCKS_PER_SM) and MAX_PARTIAL_BLOCKS (the scratch holds that many partials). `grad.len > 0`.
+    /// STATS_BLOCKS_PER_SM) and MAX_PARTIAL_BLOCKS (the scratch holds that many partials). `grad.len > 0`.
     pub(crate) fn stats_blocks(&self, grad: Buf) -> usize {
         (grad.len * grad.dtype.size())
             .div_ceil(256 * STATS_BYTES_PER_THREAD)
             .min(MAX_PARTIAL_BLOCKS)
-            .min(self.sm_count as usize * STREAM_BLOCKS_PER_SM)
+            .min(self.sm_count as usize * STATS_BLOCKS_PER_SM)
     }
 
     /// Launches an optimizer update over the `n` parameters of `p` (validated, `n > 0`). The kernels take
@@ -180,8 +180,8 @@ pub(crate) fn softmax_xent(
     let f = be.kernels.get(Family::SoftmaxXent, name, Some(lt), Some(dt))?;
     launch(be, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
     let (loss_ptr, parts) = (Arg::U64(be.ptr(loss)), Arg::U64(blocks as u64));
-    let (name, args) = match ctl {
-        Some(c) if matches!(xent, Xent::Counted(_)) => (
+    let (name, args) = match (xent, ctl) {
+        (Xent::Counted(_), Some(c)) => (
             "softmax_xent_to_finish",
             vec![
                 Arg::U64(partial),
@@ -210,11 +210,11 @@ pub(crate) fn softmax_xent(
     Ok(())
 }
 
-/// `Backend::softmax_cross_entropy_to`: [`Xent::Counted`], or the composed op where there is nothing to do or no
-/// class a label can name (the composed count then still compares arg-max 0 with each label), for the same
-/// words. The f32 room is not touched.
+/// `Backend::softmax_cross_entropy_to`: [`Xent::Counted`], or the composed op when [`CudaBackend::set_fused_loss`]
+/// is off, or where there is nothing to do or no class a label can name (the composed count then still compares
+/// arg-max 0 with each label), for the same words. The one-pass version does not touch the f32 room.
 pub(crate) fn softmax_xent_to(be: &mut CudaBackend, op: &LossTo) -> Result<()> {
-    if op.rows == 0 || op.classes == 0 {
+    if !be.fused_loss || op.rows == 0 || op.classes == 0 {
         return softmax_cross_entropy_to_composed(be, op);
     }
     let (l, y, rows, classes) = (op.logits, op.labels, op.rows, op.classes);
