@@ -180,8 +180,8 @@ pub(crate) fn softmax_xent(
     let f = be.kernels.get(Family::SoftmaxXent, name, Some(lt), Some(dt))?;
     launch(be, f, (blocks as u32, 1, 1), (256, 1, 1), &args)?;
     let (loss_ptr, parts) = (Arg::U64(be.ptr(loss)), Arg::U64(blocks as u64));
-    let (name, args) = match ctl {
-        Some(c) if matches!(xent, Xent::Counted(_)) => (
+    let (name, args) = match (xent, ctl) {
+        (Xent::Counted(_), Some(c)) => (
             "softmax_xent_to_finish",
             vec![
                 Arg::U64(partial),
@@ -210,11 +210,11 @@ pub(crate) fn softmax_xent(
     Ok(())
 }
 
-/// `Backend::softmax_cross_entropy_to`: [`Xent::Counted`], or the composed op where there is nothing to do or no
-/// class a label can name (the composed count then still compares arg-max 0 with each label), for the same
-/// words. The f32 room is not touched.
+/// `Backend::softmax_cross_entropy_to`: [`Xent::Counted`], or the composed op when [`CudaBackend::set_fused_loss`]
+/// is off, or where there is nothing to do or no class a label can name (the composed count then still compares
+/// arg-max 0 with each label), for the same words. The one-pass version does not touch the f32 room.
 pub(crate) fn softmax_xent_to(be: &mut CudaBackend, op: &LossTo) -> Result<()> {
-    if op.rows == 0 || op.classes == 0 {
+    if !be.fused_loss || op.rows == 0 || op.classes == 0 {
         return softmax_cross_entropy_to_composed(be, op);
     }
     let (l, y, rows, classes) = (op.logits, op.labels, op.rows, op.classes);

@@ -181,19 +181,24 @@ fn fused(be: &mut CudaBackend, op: &LinearActBackward) -> Result<bool> {
         return Ok(false);
     }
     be.enter()?;
-    // The finishing kernel for each wanted gradient (for its dtype).
-    let mut finisher = |g: Option<Buf>| -> Result<Option<(cu::CUfunction, Buf)>> {
-        g.map(|g| Ok((be.kernels.get(Family::Head, "head_finish", Some(g.dtype), None)?, g))).transpose()
-    };
-    let (finish_w, finish_b, finish_db) = (finisher(op.dw)?, finisher(op.prev_dbias)?, finisher(op.db)?);
-    // Every gradient wanted, in one dtype (the trainer's case): one finishing launch a chunk (head_finish3),
-    // the layer's own bias with the last chunk's.
-    let all3 = match (op.dw, op.prev_dbias, op.db) {
+    // The finishing kernels, looked up before anything is queued. Every gradient wanted, in one dtype (the
+    // trainer's case): one launch a chunk (head_finish3), the layer's own bias with the last chunk's. Otherwise
+    // one head_finish launch per wanted gradient (for its dtype).
+    let fin3 = match (op.dw, op.prev_dbias, op.db) {
         (Some(w), Some(b), Some(d)) if w.dtype == b.dtype && w.dtype == d.dtype => {
             Some((be.kernels.get(Family::Head, "head_finish3", Some(w.dtype), None)?, w, b, d))
         }
         _ => None,
     };
+    let mut finisher = |g: Option<Buf>| -> Result<Option<(cu::CUfunction, Buf)>> {
+        match g {
+            Some(g) if fin3.is_none() => {
+                Ok(Some((be.kernels.get(Family::Head, "head_finish", Some(g.dtype), None)?, g)))
+            }
+            _ => Ok(None),
+        }
+    };
+    let (finish_w, finish_b, finish_db) = (finisher(op.dw)?, finisher(op.prev_dbias)?, finisher(op.db)?);
     let dbp = be.scratch + BIG_OFF as u64;
     let partial = dbp + (db_floats * 4) as u64;
     let mut c0 = 0;
@@ -208,7 +213,7 @@ fn fused(be: &mut CudaBackend, op: &LinearActBackward) -> Result<bool> {
             Arg::U64(dp),
             Arg::U64(partial),
             // The first chunk's column tile 0 sums dy's columns.
-            Arg::U64(if c0 == 0 && finish_db.is_some() { dbp } else { 0 }),
+            Arg::U64(if c0 == 0 && op.db.is_some() { dbp } else { 0 }),
             Arg::U64(rows as u64),
             Arg::U64(i as u64),
             Arg::U64(c0 as u64),
@@ -217,36 +222,35 @@ fn fused(be: &mut CudaBackend, op: &LinearActBackward) -> Result<bool> {
         ];
         launch(be, f, (cc.div_ceil(tile) as u32, splits as u32, 1), (32, ROWS, 1), &args)?;
         let stride = ((o + 1) * cc) as u64;
-        if let Some((fin3, w, b, d)) = all3 {
-            let last = c0 + cc == i;
-            let at = |g: Buf| be.ptr(g) + (c0 * g.dtype.size()) as u64;
+        let at = |be: &CudaBackend, g: Buf| be.ptr(g) + (c0 * g.dtype.size()) as u64;
+        if let Some((fin, w, b, d)) = fin3 {
             let args = [
                 Arg::U64(partial),
                 Arg::U64(stride),
-                Arg::U64(at(w)),
+                Arg::U64(at(be, w)),
                 Arg::U64(i as u64),
-                Arg::U64(at(b)),
+                Arg::U64(at(be, b)),
                 Arg::U64(cc as u64),
                 Arg::U64(splits as u64),
                 Arg::U64(o as u64),
                 Arg::U64(dbp),
                 Arg::U64(be.ptr(d)),
             ];
-            let rows = o + 1 + usize::from(last);
-            launch(be, fin3, (cc.div_ceil(32) as u32, rows as u32, 1), (32, ROWS, 1), &args)?;
-            c0 += cc;
-            continue;
-        }
-        // dW's rows (partial rows 0..o, out leading dimension i), then the previous bias (partial row o).
-        for (fin, first, n_rows, ld) in [(finish_w, 0, o, i), (finish_b, o, 1, 0)] {
-            if let Some((fin, g)) = fin {
-                let out = be.ptr(g) + (c0 * g.dtype.size()) as u64;
-                finish(be, fin, partial + (first * cc * 4) as u64, stride, out, ld, cc, n_rows, splits)?;
+            let last = c0 + cc == i;
+            let n_rows = o + 1 + usize::from(last);
+            launch(be, fin, (cc.div_ceil(32) as u32, n_rows as u32, 1), (32, ROWS, 1), &args)?;
+        } else {
+            // dW's rows (partial rows 0..o, out leading dimension i), then the previous bias (partial row o).
+            for (fin, first, n_rows, ld) in [(finish_w, 0, o, i), (finish_b, o, 1, 0)] {
+                if let Some((fin, g)) = fin {
+                    let out = at(be, g);
+                    finish(be, fin, partial + (first * cc * 4) as u64, stride, out, ld, cc, n_rows, splits)?;
+                }
             }
         }
         c0 += cc;
     }
-    if let (Some((fin, g)), None) = (finish_db, all3) {
+    if let Some((fin, g)) = finish_db {
         finish(be, fin, dbp, o as u64, be.ptr(g), 0, o, 1, splits)?;
     }
     be.head_calls += 1;

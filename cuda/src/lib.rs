@@ -1029,11 +1029,7 @@ impl Backend for CudaBackend {
     }
 
     fn softmax_cross_entropy_to(&mut self, op: &LossTo) -> Result<()> {
-        if self.fused_loss {
-            control::softmax_xent_to(self, op)
-        } else {
-            mantissa_core::backend::softmax_cross_entropy_to_composed(self, op)
-        }
+        control::softmax_xent_to(self, op)
     }
 
     fn count_correct_to(&mut self, logits: Buf, labels: Buf, rows: usize, classes: usize, ctl: Buf) -> Result<()> {
