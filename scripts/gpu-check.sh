@@ -9,10 +9,13 @@
 #                                     # Logs go to $OUT (or ./gpu-out): nvidia-smi.txt, tests.log, mnist.log,
 #                                     # timing.log, report.log, profile.log (nsys, if installed), bench.log,
 #                                     # summary.txt. SKIP_BENCH=1 leaves out the criterion bench (~150 s).
+#   bash scripts/gpu-check.sh tests   # on the GPU machine: every cuda test binary, then mnist's MLP on the mixed policies
 #   bash scripts/gpu-check.sh ncu head_bwd_mma '^adamw8'   # on the GPU machine: Nsight Compute on those kernels
 #   bash scripts/gpu-check.sh timeline [POLICY]  # on the GPU machine: every kernel of one step, in order, timed
 #   bash scripts/gpu-check.sh ab FLAG POLICY...  # on the GPU machine: gpu_report with and without FLAG, alternating
 #   bash scripts/gpu-check.sh sustained [POLICY [STEPS]]  # on the GPU machine: ~10 s of steps each, clocks sampled
+#   bash scripts/gpu-check.sh floor [STEPS]      # on the GPU machine: the least a step can take with mantissa's GEMMs,
+#                                                # against the step and PyTorch's
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,8 +54,8 @@ for line in sys.stdin:
 ' | while read -r name exe; do cp "$exe" ".gpu/tests/$name"; done
     for ex in mnist gpu_report precision_table loss_scaling; do cp "target/release/examples/$ex" ".gpu/$ex"; done
     # Fused (cuBLASLt epilogue) against composed GEMMs on the gpu-mlp shapes.
-    cargo build --release -p mantissa-cuda --example lt_epilogue --example skinny --example adamw_layout
-    for ex in lt_epilogue skinny adamw_layout; do cp "target/release/examples/$ex" ".gpu/$ex"; done
+    cargo build --release -p mantissa-cuda --example lt_epilogue --example skinny --example adamw_layout --example floor
+    for ex in lt_epilogue skinny adamw_layout floor; do cp "target/release/examples/$ex" ".gpu/$ex"; done
     # The CPU-vs-GPU criterion bench.
     cargo bench --features cuda --bench cpu_vs_gpu --no-run --message-format=json \
         | python3 -c '
@@ -65,17 +68,15 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cpu_vs_gpu":
         print(m["executable"])
 ' | while read -r exe; do cp "$exe" .gpu/cpu_vs_gpu; done
-    strip .gpu/lt_epilogue .gpu/skinny .gpu/adamw_layout .gpu/mnist .gpu/gpu_report .gpu/precision_table .gpu/loss_scaling .gpu/cpu_vs_gpu .gpu/tests/* 2>/dev/null || true
+    strip .gpu/lt_epilogue .gpu/skinny .gpu/adamw_layout .gpu/floor .gpu/mnist .gpu/gpu_report .gpu/precision_table .gpu/loss_scaling .gpu/cpu_vs_gpu .gpu/tests/* 2>/dev/null || true
     ls -la .gpu .gpu/tests
     du -sh .gpu
 }
 
-run() {
-    local out="${OUT:-gpu-out}"
-    mkdir -p "$out"
-    gpu_env
-    nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
-
+# Every cuda test binary with --include-ignored (tests/backends: its GPU instantiation only; the CPU ones run in
+# the test suite on the CPU machine), into $1/tests.log.
+tests() {
+    local out="$1" exe t filter
     : >"$out/tests.log"
     [ -x .gpu/tests/backends ] || echo "missing .gpu/tests/backends (run: bash scripts/gpu-check.sh build)" | tee -a "$out/tests.log"
     for exe in .gpu/tests/*; do
@@ -88,6 +89,29 @@ run() {
         timeout 300 "$exe" --include-ignored --nocapture --test-threads=4 "${filter[@]}" >>"$out/tests.log" 2>&1
         echo "=== $t exit $?" | tee -a "$out/tests.log"
     done
+}
+
+# The tests alone, then the MNIST MLP on the mixed policies: what a change to GPU code needs before it lands.
+#   bash scripts/gpu-check.sh tests
+tests_only() {
+    local out="${OUT:-gpu-out}" p
+    mkdir -p "$out"
+    gpu_env
+    tests "$out" >/dev/null
+    grep -E "^=== |^test result|^test .* (FAILED|ok)$|panicked" "$out/tests.log" | grep -vE " ok$"
+    for p in mixed_bfloat16 mixed_float16; do
+        echo "=== mnist --model mlp --policy $p"
+        timeout 240 .gpu/mnist --backend cuda --data data --model mlp --policy "$p" 2>&1 | grep -E "^result:|^error|^note"
+    done
+}
+
+run() {
+    local out="${OUT:-gpu-out}"
+    mkdir -p "$out"
+    gpu_env
+    nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
+
+    tests "$out"
 
     : >"$out/mnist.log"
     for args in "--model mlp --policy float32" "--model mlp --policy mixed_bfloat16" "--model mlp --policy mixed_float16" \
@@ -291,8 +315,47 @@ sustained() {
     stop_sampler "$out"
 }
 
+# The least a step can take with mantissa's own GEMMs (cuda/examples/floor.rs: the five GEMMs on their tuned
+# algorithms, the fused AdamW, the bytes no GEMM can move for the element-wise passes, one graph; and the same
+# with cuBLASLt's epilogues) against the step and PyTorch's step, in the same call: per mixed policy, floor,
+# gpu_report and pytorch_gpu.py (graph, 30 warm-up steps, 50 timed), twice; then floor's `all` and `fused`,
+# gpu_report and PyTorch for STEPS (default 6000) steps each, mixed_bfloat16.
+# The clock sampler runs throughout.
+floor() {
+    gpu_env
+    local out="${OUT:-gpu-out}" steps="${1:-6000}" pass p d part
+    mkdir -p "$out"
+    start_sampler "$out"
+    for pass in 1 2; do
+        for p in mixed_bfloat16 mixed_float16; do
+            d=$([ "$p" = mixed_bfloat16 ] && echo bf16 || echo f16)
+            mark "floor $d (pass $pass)"
+            timeout 120 .gpu/floor --dtype "$d" 2>&1 | grep -E "^floor:|^floor |^lt_tune|^error"
+            mark "gpu_report $p (pass $pass)"
+            timeout 120 .gpu/gpu_report --mode graph --warmup 30 --policy "$p" 2>&1 | grep -E "^train:|^error"
+            mark "pytorch $p (pass $pass)"
+            timeout 120 python3 benches/peers/pytorch_gpu.py --policy "$p" --warmup 30 2>&1 | grep -E "^train:|^error"
+        done
+    done
+    for part in all fused; do
+        mark "floor bf16 $part x$steps"
+        timeout 120 .gpu/floor --dtype bf16 --part "$part" --steps "$steps" 2>&1 | grep -E "^floor:|^error"
+    done
+    mark "gpu_report mixed_bfloat16 x$steps"
+    timeout 120 .gpu/gpu_report --mode graph --warmup 30 --steps "$steps" --policy mixed_bfloat16 2>&1 | grep -E "^train:|^error"
+    mark "pytorch mixed_bfloat16 x$steps"
+    timeout 120 python3 benches/peers/pytorch_gpu.py --policy mixed_bfloat16 --warmup 30 --steps "$steps" 2>&1 |
+        grep -E "^train:|^error"
+    stop_sampler "$out"
+}
+
 case "${1:-}" in
 build) build ;;
+tests) tests_only ;;
+floor)
+    shift
+    floor "$@"
+    ;;
 run) run ;;
 perf) perf ;;
 ab)
@@ -312,7 +375,7 @@ ncu)
     ncu_kernels "$@"
     ;;
 *)
-    echo "usage: $0 build|run|perf|ncu KERNEL_REGEX..." >&2
+    echo "usage: $0 build|run|tests|perf|ncu KERNEL_REGEX...|timeline [POLICY]|ab FLAG POLICY...|sustained [POLICY [STEPS]]|floor [STEPS]" >&2
     exit 2
     ;;
 esac

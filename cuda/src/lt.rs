@@ -88,6 +88,9 @@ pub(crate) struct Lt {
     autotune: bool,
     /// Problems with less work than this keep their default untimed (see [`CudaBackend::set_autotune_min_work`]).
     min_work: usize,
+    /// Calls per timed sample ([`TUNE_REPS`], or `MANTISSA_CUDA_TUNE_REPS` for experiments: many calls time a
+    /// candidate at the clocks the board's power limit leaves it, few at the clocks it starts at).
+    reps: usize,
     /// One line per tuned problem, in the order they were tuned.
     log: Vec<String>,
 }
@@ -121,6 +124,11 @@ impl Lt {
             // MANTISSA_CUDA_AUTOTUNE=0 turns it off for a whole process (as PyTorch's PYTORCH_TUNABLEOP_ENABLED).
             autotune: std::env::var("MANTISSA_CUDA_AUTOTUNE").map_or(true, |v| v.trim() != "0"),
             min_work: TUNE_MIN_WORK,
+            reps: std::env::var("MANTISSA_CUDA_TUNE_REPS")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .filter(|&n: &usize| n > 0)
+                .unwrap_or(TUNE_REPS),
             log: Vec::new(),
         }
     }
@@ -693,18 +701,19 @@ fn run(be: &mut CudaBackend, g: &Gemm, ep: &Epilogue, resolved: Resolved) -> Res
 }
 
 /// Mean milliseconds of one call of `f` on the backend's stream: once to warm up, then the best of two samples
-/// of [`TUNE_REPS`] calls between two events.
+/// of [`TUNE_REPS`] calls (see `Lt::reps`) between two events.
 fn time(be: &mut CudaBackend, mut f: impl FnMut(&mut CudaBackend) -> Result<()>) -> Result<f32> {
     f(be)?;
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let reps = be.lt.reps;
     let mut best = f32::INFINITY;
     for _ in 0..2 {
         let start = be.stream.record_event(flags).map_err(crate::driver("cuEventRecord"))?;
-        for _ in 0..TUNE_REPS {
+        for _ in 0..reps {
             f(be)?;
         }
         let end = be.stream.record_event(flags).map_err(crate::driver("cuEventRecord"))?;
-        best = best.min(start.elapsed_ms(&end).map_err(crate::driver("cuEventElapsedTime"))? / TUNE_REPS as f32);
+        best = best.min(start.elapsed_ms(&end).map_err(crate::driver("cuEventElapsedTime"))? / reps as f32);
     }
     Ok(best)
 }
