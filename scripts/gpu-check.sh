@@ -16,6 +16,7 @@
 #   bash scripts/gpu-check.sh sustained [POLICY [STEPS]]  # on the GPU machine: ~10 s of steps each, clocks sampled
 #   bash scripts/gpu-check.sh floor [STEPS]      # on the GPU machine: the least a step can take with mantissa's GEMMs,
 #                                                # against the step and PyTorch's
+#   bash scripts/gpu-check.sh cold [STEPS]       # on the GPU machine: the same from a cold start, autotune off
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -349,8 +350,45 @@ floor() {
     stop_sampler "$out"
 }
 
+# The same comparison from a cold start: GEMM autotune off (its timing loop is ~1-2 s of full load right before
+# the warm-up, which leaves the board nearer its power limit than PyTorch's start does), a 5 s pause before each
+# program; floor's `all` part, gpu_report and PyTorch per mixed policy, ROUNDS (default 3) times; then floor,
+# gpu_report and PyTorch for STEPS (default 6000) steps each, mixed_float16. The clock sampler runs throughout.
+cold() {
+    gpu_env
+    local out="${OUT:-gpu-out}" steps="${1:-6000}" round p d
+    mkdir -p "$out"
+    start_sampler "$out"
+    for round in $(seq 1 "${ROUNDS:-3}"); do
+        for p in mixed_bfloat16 mixed_float16; do
+            d=$([ "$p" = mixed_bfloat16 ] && echo bf16 || echo f16)
+            sleep 5
+            mark "floor $d all, cold (round $round)"
+            MANTISSA_CUDA_AUTOTUNE=0 timeout 120 .gpu/floor --dtype "$d" --part all 2>&1 | grep -E "^floor:|^error"
+            sleep 5
+            mark "gpu_report $p --no-autotune, cold (round $round)"
+            timeout 120 .gpu/gpu_report --mode graph --warmup 30 --no-autotune --policy "$p" 2>&1 | grep -E "^train:|^error"
+            sleep 5
+            mark "pytorch $p, cold (round $round)"
+            timeout 120 python3 benches/peers/pytorch_gpu.py --policy "$p" --warmup 30 2>&1 | grep -E "^train:|^error"
+        done
+    done
+    mark "floor f16 all x$steps"
+    timeout 120 .gpu/floor --dtype f16 --part all --steps "$steps" 2>&1 | grep -E "^floor:|^error"
+    mark "gpu_report mixed_float16 x$steps"
+    timeout 120 .gpu/gpu_report --mode graph --warmup 30 --steps "$steps" --policy mixed_float16 2>&1 | grep -E "^train:|^error"
+    mark "pytorch mixed_float16 x$steps"
+    timeout 120 python3 benches/peers/pytorch_gpu.py --policy mixed_float16 --warmup 30 --steps "$steps" 2>&1 |
+        grep -E "^train:|^error"
+    stop_sampler "$out"
+}
+
 case "${1:-}" in
 build) build ;;
+cold)
+    shift
+    cold "$@"
+    ;;
 tests) tests_only ;;
 floor)
     shift
@@ -375,7 +413,7 @@ ncu)
     ncu_kernels "$@"
     ;;
 *)
-    echo "usage: $0 build|run|tests|perf|ncu KERNEL_REGEX...|timeline [POLICY]|ab FLAG POLICY...|sustained [POLICY [STEPS]]|floor [STEPS]" >&2
+    echo "usage: $0 build|run|tests|perf|ncu KERNEL_REGEX...|timeline [POLICY]|ab FLAG POLICY...|sustained [POLICY [STEPS]]|floor [STEPS]|cold [STEPS]" >&2
     exit 2
     ;;
 esac
