@@ -129,7 +129,10 @@ fn run() -> Result<(), String> {
         // dW2 = dz2^T h1
         (Gemm::new(HIDDEN, HIDDEN, ROWS, dz2, h1, dw2).a_t(HIDDEN), None),
         // dz1 = (dz2 W2) * GELU'(z1), db1 = sum_rows dz1
-        (Gemm::new(ROWS, HIDDEN, HIDDEN, dz2, w2, dz1), Some(Epilogue::ActGrad { act: gelu, pre: z1, dbias: Some(db1) })),
+        (
+            Gemm::new(ROWS, HIDDEN, HIDDEN, dz2, w2, dz1),
+            Some(Epilogue::ActGrad { act: gelu, pre: z1, dbias: Some(db1) }),
+        ),
         // dW1 = dz1^T x
         (Gemm::new(HIDDEN, IN, ROWS, dz1, x, dw1).a_t(HIDDEN), None),
     ];
@@ -209,10 +212,7 @@ fn run() -> Result<(), String> {
         }
         be.synchronize().map_err(err)?;
         let ms = start.elapsed().as_secs_f64() * 1e3 / args.steps.max(1) as f64;
-        println!(
-            "floor: dtype={} part={name} step_ms={ms:.4} warmup={} steps={}",
-            args.dtype, args.warmup, args.steps
-        );
+        println!("floor: dtype={} part={name} step_ms={ms:.4} warmup={} steps={}", args.dtype, args.warmup, args.steps);
         be.clear_recordings();
     }
     for line in be.tuning_log() {

@@ -45,11 +45,15 @@ __device__ __forceinline__ void ag_st(T* p, u64 i, const AgVec<T>& r) {
 template <typename T>
 __device__ __forceinline__ void ag_group(int act, const AgVec<T>& x, AgVec<T>& d, float* acc) {
     constexpr int V = 16 / sizeof(T);
+    float xf[V], df[V];
+    widen<V>(x.v, xf);
+    widen<V>(d.v, df);
 #pragma unroll
-    for (int k = 0; k < V; k++) {
-        st(d.v, k, ld(d.v, k) * act_derivative(act, ld(x.v, k)));
-        acc[k] += ld(d.v, k);
-    }
+    for (int k = 0; k < V; k++) df[k] *= act_derivative(act, xf[k]);
+    narrow<V>(df, d.v);
+    widen<V>(d.v, df);
+#pragma unroll
+    for (int k = 0; k < V; k++) acc[k] += df[k];
 }
 
 // Vector kernel: V = 16 / sizeof(T) columns per thread (8 for 16-bit, 4 for f32), 32 V per block.

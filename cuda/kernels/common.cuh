@@ -33,6 +33,28 @@ __device__ __forceinline__ float ld(const f16* p, u64 i) {
 }
 __device__ __forceinline__ float ld(const bf16* p, u64 i) { return __uint_as_float(((unsigned)p[i].bits) << 16); }
 
+// `n` stored values widened as `ld` widens each: for f16, cvt on every element and one NaN test for them all,
+// then, only where one was NaN (cvt returns the canonical NaN), `ld` again for its payload. Per element that is
+// a cvt and an FSETP instead of ld's integer test and select.
+template <int N>
+__device__ __forceinline__ void widen(const f16* p, float* out) {
+    bool nan = false;
+#pragma unroll
+    for (int k = 0; k < N; k++) {
+        asm("cvt.f32.f16 %0, %1;" : "=f"(out[k]) : "h"(p[k].bits));
+        nan |= out[k] != out[k];
+    }
+    if (nan) {
+#pragma unroll
+        for (int k = 0; k < N; k++) out[k] = ld(p, k);
+    }
+}
+template <int N, typename T>
+__device__ __forceinline__ void widen(const T* p, float* out) {
+#pragma unroll
+    for (int k = 0; k < N; k++) out[k] = ld(p, k);
+}
+
 __device__ __forceinline__ unsigned short f32_to_f16_bits(float v) {
     // NaN keeps its sign and top payload bits, quieted, as the host's conversion does (cvt.rn.f16.f32 would
     // return the canonical 0x7fff).
@@ -63,6 +85,53 @@ __device__ __forceinline__ unsigned short f32_to_bf16_bits(float v) {
 __device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(f16* p, u64 i, float v) { p[i].bits = f32_to_f16_bits(v); }
 __device__ __forceinline__ void st(bf16* p, u64 i, float v) { p[i].bits = f32_to_bf16_bits(v); }
+
+// `n` values stored as `st` stores each: for the 16-bit types, one paired cvt per two elements and one NaN
+// test for them all, then, only where one was NaN (cvt returns the canonical NaN), `st` again for its payload.
+template <int N>
+__device__ __forceinline__ void narrow(const float* v, f16* p) {
+    bool nan = false;
+#pragma unroll
+    for (int k = 0; k + 1 < N; k += 2) {
+        unsigned w;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(v[k + 1]), "f"(v[k]));
+        p[k].bits = (unsigned short)(w & 0xffffu);
+        p[k + 1].bits = (unsigned short)(w >> 16);
+        nan |= (v[k] != v[k]) | (v[k + 1] != v[k + 1]);
+    }
+    if (N % 2) st(p, N - 1, v[N - 1]);
+    if (nan) {
+#pragma unroll
+        for (int k = 0; k < N; k++) st(p, k, v[k]);
+    }
+}
+template <int N>
+__device__ __forceinline__ void narrow(const float* v, bf16* p) {
+#if __CUDA_ARCH__ >= 800
+    bool nan = false;
+#pragma unroll
+    for (int k = 0; k + 1 < N; k += 2) {
+        unsigned w;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(v[k + 1]), "f"(v[k]));
+        p[k].bits = (unsigned short)(w & 0xffffu);
+        p[k + 1].bits = (unsigned short)(w >> 16);
+        nan |= (v[k] != v[k]) | (v[k + 1] != v[k + 1]);
+    }
+    if (N % 2) st(p, N - 1, v[N - 1]);
+    if (nan) {
+#pragma unroll
+        for (int k = 0; k < N; k++) st(p, k, v[k]);
+    }
+#else
+#pragma unroll
+    for (int k = 0; k < N; k++) st(p, k, v[k]);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void narrow(const float* v, float* p) {
+#pragma unroll
+    for (int k = 0; k < N; k++) p[k] = v[k];
+}
 
 // `v` after a round trip through storage type T (for sums the reference stores after every addition).
 __device__ __forceinline__ float rnd(const float*, float v) { return v; }

@@ -376,7 +376,9 @@ fn timing_fused_against_composed() {
     let Some(mut r) = rig() else { return };
     const REPS: u32 = 50;
     let gelu = Activation::GeluTanh;
-    for (dt, m, n) in [(DType::BF16, 8192, 4096), (DType::BF16, 8192, 4100), (DType::F32, 8192, 4096)] {
+    for (dt, m, n) in
+        [(DType::BF16, 8192, 4096), (DType::F16, 8192, 4096), (DType::BF16, 8192, 4100), (DType::F32, 8192, 4096)]
+    {
         let mark = r.arena.mark();
         let (pre, dy, db) = (r.alloc(dt, m * n, 0), r.alloc(dt, m * n, 0), r.alloc(DType::F32, n, 0));
         let pv = r.values(m * n, -4.0, 4.0, false);
