@@ -350,8 +350,8 @@ floor() {
     stop_sampler "$out"
 }
 
-# The same comparison from a cold start: GEMM autotune off (its timing loop is ~1-2 s of full load right before
-# the warm-up, which leaves the board nearer its power limit than PyTorch's start does), a 5 s pause before each
+# The same comparison from a cold start: GEMM autotune off (its timing loop is a burst of full load right before
+# the warm-up, which PyTorch's start does not have), a 5 s pause before each
 # program; floor's `all` part, gpu_report and PyTorch per mixed policy, ROUNDS (default 3) times; then floor,
 # gpu_report and PyTorch for STEPS (default 6000) steps each, mixed_float16. The clock sampler runs throughout.
 cold() {
