@@ -33,7 +33,7 @@ __device__ __forceinline__ float ld(const f16* p, u64 i) {
 }
 __device__ __forceinline__ float ld(const bf16* p, u64 i) { return __uint_as_float(((unsigned)p[i].bits) << 16); }
 
-// `n` stored values widened as `ld` widens each: for f16, cvt on every element and one NaN test for them all,
+// `N` stored values widened as `ld` widens each: for f16, cvt on every element and one NaN test for them all,
 // then, only where one was NaN (cvt returns the canonical NaN), `ld` again for its payload. Per element that is
 // a cvt and an FSETP instead of ld's integer test and select.
 template <int N>
@@ -86,33 +86,31 @@ __device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(f16* p, u64 i, float v) { p[i].bits = f32_to_f16_bits(v); }
 __device__ __forceinline__ void st(bf16* p, u64 i, float v) { p[i].bits = f32_to_bf16_bits(v); }
 
-// `n` values stored as `st` stores each: for the 16-bit types, one paired cvt per two elements and one NaN
-// test for them all, then, only where one was NaN (cvt returns the canonical NaN), `st` again for its payload.
-template <int N>
-__device__ __forceinline__ void narrow(const float* v, f16* p) {
-    bool nan = false;
-#pragma unroll
-    for (int k = 0; k + 1 < N; k += 2) {
-        unsigned w;
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(v[k + 1]), "f"(v[k]));
-        p[k].bits = (unsigned short)(w & 0xffffu);
-        p[k + 1].bits = (unsigned short)(w >> 16);
-        nan |= (v[k] != v[k]) | (v[k + 1] != v[k + 1]);
-    }
-    if (N % 2) st(p, N - 1, v[N - 1]);
-    if (nan) {
-#pragma unroll
-        for (int k = 0; k < N; k++) st(p, k, v[k]);
-    }
+// Two values rounded to T as `st` rounds them, packed (the first in the low half), for non-NaN values: one
+// paired cvt (a NaN becomes the canonical one; `narrow` redoes those).
+__device__ __forceinline__ unsigned cvt_pair(const f16*, float lo, float hi) {
+    unsigned w;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+    return w;
 }
-template <int N>
-__device__ __forceinline__ void narrow(const float* v, bf16* p) {
+__device__ __forceinline__ unsigned cvt_pair(const bf16*, float lo, float hi) {
 #if __CUDA_ARCH__ >= 800
+    unsigned w;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+    return w;
+#else
+    return (unsigned)f32_to_bf16_bits(lo) | ((unsigned)f32_to_bf16_bits(hi) << 16);
+#endif
+}
+
+// `N` values stored as `st` stores each: for the 16-bit types, one paired cvt per two elements and one NaN test
+// for them all, then, only where one was NaN, `st` again for every element (for the NaN's payload).
+template <int N, typename T>
+__device__ __forceinline__ void narrow(const float* v, T* p) {
     bool nan = false;
 #pragma unroll
     for (int k = 0; k + 1 < N; k += 2) {
-        unsigned w;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(v[k + 1]), "f"(v[k]));
+        const unsigned w = cvt_pair(p, v[k], v[k + 1]);
         p[k].bits = (unsigned short)(w & 0xffffu);
         p[k + 1].bits = (unsigned short)(w >> 16);
         nan |= (v[k] != v[k]) | (v[k + 1] != v[k + 1]);
@@ -122,10 +120,6 @@ __device__ __forceinline__ void narrow(const float* v, bf16* p) {
 #pragma unroll
         for (int k = 0; k < N; k++) st(p, k, v[k]);
     }
-#else
-#pragma unroll
-    for (int k = 0; k < N; k++) st(p, k, v[k]);
-#endif
 }
 template <int N>
 __device__ __forceinline__ void narrow(const float* v, float* p) {
