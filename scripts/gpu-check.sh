@@ -277,6 +277,27 @@ timeline() {
     python3 scripts/kernel_timeline.py "$out/timeline-$policy.csv"
 }
 
+# The step lines of one timed program, as the A/B and floor runs below compare them (graph mode, 30 warm-up
+# steps; STEPS timed steps):
+#   m_step POLICY STEPS [FLAG...]   mantissa's gpu_report
+#   t_step POLICY STEPS             PyTorch's step (benches/peers/pytorch_gpu.py)
+#   f_part DTYPE STEPS [ARG...]     floor.rs (its floor: lines)
+m_step() {
+    local p="$1" n="$2"
+    shift 2
+    timeout 120 .gpu/gpu_report --mode graph --warmup 30 --steps "$n" --policy "$p" "$@" 2>&1 | grep -E "^train:|^error"
+}
+t_step() {
+    timeout 120 python3 benches/peers/pytorch_gpu.py --policy "$1" --warmup 30 --steps "$2" 2>&1 | grep -E "^train:|^error"
+}
+f_part() {
+    local d="$1" n="$2"
+    shift 2
+    timeout 120 .gpu/floor --dtype "$d" --steps "$n" "$@" 2>&1 | grep -E "^floor:|^error"
+}
+# bf16 for mixed_bfloat16, f16 for mixed_float16.
+dtype_of() { [ "$1" = mixed_bfloat16 ] && echo bf16 || echo f16; }
+
 # One switch against the default, step time only: gpu_report --mode graph --warmup 30 with and without FLAG,
 # REPEAT (default 4) pairs per policy in alternating order, then PyTorch once; every line goes to stdout.
 #   bash scripts/gpu-check.sh ab --no-pdl mixed_bfloat16 mixed_float16
@@ -288,8 +309,7 @@ ab() {
         for i in $(seq 1 "${REPEAT:-4}"); do
             for o in $([ $((i % 2)) = 1 ] && echo "default flag" || echo "flag default"); do
                 # shellcheck disable=SC2046
-                timeout 100 .gpu/gpu_report --mode graph --warmup 30 --policy "$p" $([ "$o" = flag ] && echo "$flag") 2>&1 |
-                    grep -E "^train:|^error"
+                m_step "$p" 50 $([ "$o" = flag ] && echo "$flag")
             done
         done
     done
@@ -306,12 +326,7 @@ sustained() {
     start_sampler "$out"
     for who in mantissa pytorch pytorch mantissa; do
         mark "$who $policy x$steps"
-        if [ "$who" = mantissa ]; then
-            timeout 120 .gpu/gpu_report --mode graph --warmup 30 --steps "$steps" --policy "$policy" 2>&1 | grep -E "^train:|^error"
-        else
-            timeout 120 python3 benches/peers/pytorch_gpu.py --policy "$policy" --warmup 30 --steps "$steps" 2>&1 |
-                grep -E "^train:|^error"
-        fi
+        if [ "$who" = mantissa ]; then m_step "$policy" "$steps"; else t_step "$policy" "$steps"; fi
     done
     stop_sampler "$out"
 }
@@ -324,29 +339,27 @@ sustained() {
 # The clock sampler runs throughout.
 floor() {
     gpu_env
-    local out="${OUT:-gpu-out}" steps="${1:-6000}" pass p d part
+    local out="${OUT:-gpu-out}" steps="${1:-6000}" pass p part
     mkdir -p "$out"
     start_sampler "$out"
     for pass in 1 2; do
         for p in mixed_bfloat16 mixed_float16; do
-            d=$([ "$p" = mixed_bfloat16 ] && echo bf16 || echo f16)
-            mark "floor $d (pass $pass)"
-            timeout 120 .gpu/floor --dtype "$d" 2>&1 | grep -E "^floor:|^floor |^lt_tune|^error"
+            mark "floor $(dtype_of "$p") (pass $pass)"
+            timeout 120 .gpu/floor --dtype "$(dtype_of "$p")" 2>&1 | grep -E "^floor:|^floor |^lt_tune|^error"
             mark "gpu_report $p (pass $pass)"
-            timeout 120 .gpu/gpu_report --mode graph --warmup 30 --policy "$p" 2>&1 | grep -E "^train:|^error"
+            m_step "$p" 50
             mark "pytorch $p (pass $pass)"
-            timeout 120 python3 benches/peers/pytorch_gpu.py --policy "$p" --warmup 30 2>&1 | grep -E "^train:|^error"
+            t_step "$p" 50
         done
     done
     for part in all fused; do
         mark "floor bf16 $part x$steps"
-        timeout 120 .gpu/floor --dtype bf16 --part "$part" --steps "$steps" 2>&1 | grep -E "^floor:|^error"
+        f_part bf16 "$steps" --part "$part"
     done
     mark "gpu_report mixed_bfloat16 x$steps"
-    timeout 120 .gpu/gpu_report --mode graph --warmup 30 --steps "$steps" --policy mixed_bfloat16 2>&1 | grep -E "^train:|^error"
+    m_step mixed_bfloat16 "$steps"
     mark "pytorch mixed_bfloat16 x$steps"
-    timeout 120 python3 benches/peers/pytorch_gpu.py --policy mixed_bfloat16 --warmup 30 --steps "$steps" 2>&1 |
-        grep -E "^train:|^error"
+    t_step mixed_bfloat16 "$steps"
     stop_sampler "$out"
 }
 
@@ -356,30 +369,28 @@ floor() {
 # gpu_report and PyTorch for STEPS (default 6000) steps each, mixed_float16. The clock sampler runs throughout.
 cold() {
     gpu_env
-    local out="${OUT:-gpu-out}" steps="${1:-6000}" round p d
+    local out="${OUT:-gpu-out}" steps="${1:-6000}" round p
     mkdir -p "$out"
     start_sampler "$out"
     for round in $(seq 1 "${ROUNDS:-3}"); do
         for p in mixed_bfloat16 mixed_float16; do
-            d=$([ "$p" = mixed_bfloat16 ] && echo bf16 || echo f16)
             sleep 5
-            mark "floor $d all, cold (round $round)"
-            MANTISSA_CUDA_AUTOTUNE=0 timeout 120 .gpu/floor --dtype "$d" --part all 2>&1 | grep -E "^floor:|^error"
+            mark "floor $(dtype_of "$p") all, cold (round $round)"
+            MANTISSA_CUDA_AUTOTUNE=0 f_part "$(dtype_of "$p")" 50 --part all
             sleep 5
             mark "gpu_report $p --no-autotune, cold (round $round)"
-            timeout 120 .gpu/gpu_report --mode graph --warmup 30 --no-autotune --policy "$p" 2>&1 | grep -E "^train:|^error"
+            m_step "$p" 50 --no-autotune
             sleep 5
             mark "pytorch $p, cold (round $round)"
-            timeout 120 python3 benches/peers/pytorch_gpu.py --policy "$p" --warmup 30 2>&1 | grep -E "^train:|^error"
+            t_step "$p" 50
         done
     done
     mark "floor f16 all x$steps"
-    timeout 120 .gpu/floor --dtype f16 --part all --steps "$steps" 2>&1 | grep -E "^floor:|^error"
+    f_part f16 "$steps" --part all
     mark "gpu_report mixed_float16 x$steps"
-    timeout 120 .gpu/gpu_report --mode graph --warmup 30 --steps "$steps" --policy mixed_float16 2>&1 | grep -E "^train:|^error"
+    m_step mixed_float16 "$steps"
     mark "pytorch mixed_float16 x$steps"
-    timeout 120 python3 benches/peers/pytorch_gpu.py --policy mixed_float16 --warmup 30 --steps "$steps" 2>&1 |
-        grep -E "^train:|^error"
+    t_step mixed_float16 "$steps"
     stop_sampler "$out"
 }
 

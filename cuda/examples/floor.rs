@@ -22,36 +22,24 @@
 
 use std::time::Instant;
 
-use mantissa_core::backend::{Activation, AdamWStep, Epilogue, Gemm, ParamBufs};
+use clap::Parser;
+use mantissa_core::backend::{Activation, Epilogue, Gemm, ParamBufs};
+use mantissa_core::optim::AdamW;
 use mantissa_core::rng::Rng;
 use mantissa_core::{Arena, Backend, Buf, DType};
 use mantissa_cuda::CudaBackend;
 
-/// `--dtype bf16|f16`, `--warmup W` (30), `--steps N` (50), `--part gemms|adamw|bytes|all|fused` (every part).
+#[derive(Parser, Debug)]
 struct Args {
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16"])]
     dtype: String,
+    #[arg(long, default_value_t = 30)]
     warmup: usize,
+    #[arg(long, default_value_t = 50)]
     steps: usize,
+    /// Only this part (default: every part).
+    #[arg(long, value_parser = ["gemms", "adamw", "bytes", "all", "fused"])]
     part: Option<String>,
-}
-
-impl Args {
-    fn parse() -> Result<Args, String> {
-        let mut a = Args { dtype: "bf16".into(), warmup: 30, steps: 50, part: None };
-        let mut it = std::env::args().skip(1);
-        while let Some(flag) = it.next() {
-            let value = it.next().ok_or(format!("{flag} needs a value"))?;
-            let count = |v: &str| v.parse::<usize>().map_err(|_| format!("{flag} {v}: not a count"));
-            match flag.as_str() {
-                "--dtype" => a.dtype = value,
-                "--warmup" => a.warmup = count(&value)?,
-                "--steps" => a.steps = count(&value)?,
-                "--part" => a.part = Some(value),
-                _ => return Err(format!("unknown argument {flag}")),
-            }
-        }
-        Ok(a)
-    }
 }
 
 const ROWS: usize = 8192;
@@ -70,7 +58,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<(), String> {
-    let args = Args::parse()?;
+    let args = Args::parse();
     let dt = match args.dtype.as_str() {
         "bf16" => DType::BF16,
         "f16" => DType::F16,
@@ -149,16 +137,8 @@ fn run() -> Result<(), String> {
         Gemm::new(HIDDEN, IN, ROWS, dz1, x, dw1).a_t(HIDDEN),
     ];
     let p = ParamBufs { master, working, grad, state1: m, state2: v };
-    let s = AdamWStep {
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-        bias_correction1: 0.1,
-        bias_correction2: 0.001,
-        grad_scale: 1.0,
-    };
+    // gpu_report's optimizer, at its first update.
+    let adamw = AdamW::new(1e-3).weight_decay(0.01);
     let err = |e: mantissa_core::Error| e.to_string();
     let part_gemms = |be: &mut CudaBackend| -> Result<(), String> {
         for g in &gemms {
@@ -166,7 +146,7 @@ fn run() -> Result<(), String> {
         }
         Ok(())
     };
-    let part_adamw = |be: &mut CudaBackend| be.adamw_step(&p, &s).map_err(err);
+    let part_adamw = |be: &mut CudaBackend| adamw.step(be, &p, 1, 1.0).map_err(err);
     let part_bytes = |be: &mut CudaBackend| be.cast(copy_src, copy_dst).map_err(err);
     let fused = |be: &mut CudaBackend| -> Result<(), String> {
         for (g, ep) in &fused_gemms {
